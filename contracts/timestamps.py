@@ -1,0 +1,35 @@
+"""UTC timestamps rendered as RFC 3339 with milliseconds and a ``Z`` suffix."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, PlainSerializer
+
+
+def as_utc(value: datetime) -> datetime:
+    """Return ``value`` as an aware UTC datetime; naive values are taken to be UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def format_timestamp(value: datetime) -> str:
+    """Render ``value`` as ``2026-01-31T12:00:00.123Z``."""
+    utc = as_utc(value)
+    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+
+
+def utc_now() -> datetime:
+    """Return the current time in UTC, truncated to the millisecond that is stored."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+Timestamp = Annotated[
+    datetime,
+    AfterValidator(as_utc),
+    PlainSerializer(format_timestamp, return_type=str, when_used="json"),
+]
+"""A datetime field that is always aware UTC and serialises to RFC 3339 with ``Z``."""
