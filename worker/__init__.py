@@ -1,0 +1,1 @@
+"""transform-worker: runs GOBL document workflows from RabbitMQ commands."""
