@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
@@ -33,7 +33,9 @@ DEFAULT_DIR = Path(__file__).parent / "schemas"
 def build_schema(name: str) -> dict[str, Any]:
     """Return the JSON Schema of the model registered as ``name``."""
     model = SCHEMA_MODELS[name]
-    mode = "validation" if name in {"job.create", "job.get", "workflow"} else "serialization"
+    mode: Literal["validation", "serialization"] = (
+        "validation" if name in {"job.create", "job.get", "workflow"} else "serialization"
+    )
     schema = model.model_json_schema(by_alias=True, mode=mode)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{name}.json", **schema}
 

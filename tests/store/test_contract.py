@@ -118,6 +118,51 @@ class TestJobs:
         assert result.entry.id == entry.id
         assert await store.get_job(job.id) is None
 
+    async def test_taken_id_leaves_no_entry(self, store: Store) -> None:
+        job = job_record()
+        await store.insert_job(job, key_taken_since=utc_now() - TWO_YEARS)
+        entry = entry_record()
+
+        result = await store.insert_job(
+            job.model_copy(update={"silo_entry_id": entry.id}),
+            key_taken_since=utc_now() - TWO_YEARS,
+            entry=entry,
+        )
+
+        assert result.status is InsertStatus.ID_TAKEN
+        assert await store.get_entry("default", entry.id) is None
+
+    async def test_taken_key_leaves_no_entry(self, store: Store) -> None:
+        holder = job_record(key="k")
+        await store.insert_job(holder, key_taken_since=utc_now() - TWO_YEARS)
+        entry = entry_record()
+
+        result = await store.insert_job(
+            job_record(key="k", silo_entry_id=entry.id),
+            key_taken_since=utc_now() - TWO_YEARS,
+            entry=entry,
+        )
+
+        assert result.status is InsertStatus.KEY_TAKEN
+        assert result.existing is not None
+        assert result.existing.id == holder.id
+        assert await store.get_entry("default", entry.id) is None
+
+    async def test_expired_key_holder_can_still_be_replaced(self, store: Store) -> None:
+        old = job_record(key="k", created_at=utc_now() - TWO_YEARS - timedelta(days=1))
+        await store.insert_job(old, key_taken_since=utc_now() - TWO_YEARS * 2)
+        new = job_record(key="k")
+        await store.insert_job(new, key_taken_since=utc_now() - TWO_YEARS)
+
+        written = await store.replace_job(
+            old.model_copy(update={"rev": 1, "status": Status.OK}), expected_rev=0
+        )
+        holder = await store.get_job_by_key("default", "k")
+
+        assert written is True
+        assert holder is not None
+        assert holder.id == new.id
+
     async def test_replace_is_compare_and_set_on_rev(self, store: Store) -> None:
         job = job_record()
         await store.insert_job(job, key_taken_since=utc_now() - TWO_YEARS)
@@ -164,6 +209,21 @@ class TestJobs:
         loaded = await store.get_job(job.id)
         assert loaded is not None
         assert loaded.rev == 0
+
+    async def test_replace_with_stale_job_keeps_old_entry(self, store: Store) -> None:
+        entry = entry_record()
+        job = job_record(silo_entry_id=entry.id)
+        await store.insert_job(job, key_taken_since=utc_now() - TWO_YEARS, entry=entry)
+
+        written = await store.replace_job(
+            job.model_copy(update={"rev": 8, "status": Status.OK}),
+            expected_rev=7,
+            entry=entry.model_copy(update={"rev": 1, "state": "sent"}),
+            expected_entry_rev=0,
+        )
+
+        assert written is False
+        assert await store.get_entry("default", entry.id) == entry
 
     async def test_due_jobs_are_unfinished_and_past_due(self, store: Store) -> None:
         now = utc_now()
@@ -332,6 +392,26 @@ class TestFiles:
         assert loaded.data == data
         assert loaded.mime == "application/pdf"
         assert await store.get_file("other", "f1") is None
+
+    async def test_large_file_round_trip(self, store: Store) -> None:
+        data = bytes(range(256)) * 3000
+        await store.put_file(StoredFile("default", "big", "big.bin", "application/pdf", data))
+
+        loaded = await store.get_file("default", "big")
+
+        assert loaded is not None
+        assert loaded.data == data
+
+    async def test_existing_file_is_kept(self, store: Store) -> None:
+        await store.put_file(StoredFile("default", "f1", "a.pdf", "application/pdf", b"first"))
+        await store.put_file(StoredFile("default", "f1", "b.txt", "text/plain", b"second"))
+
+        loaded = await store.get_file("default", "f1")
+
+        assert loaded is not None
+        assert loaded.data == b"first"
+        assert loaded.name == "a.pdf"
+        assert loaded.mime == "application/pdf"
 
 
 async def test_ping(store: Store) -> None:

@@ -12,10 +12,12 @@ def create_store(url: str, *, sqlite_synchronous: str = "full") -> Store:
     if url.startswith("sqlite:///"):
         from worker.store.sqlite import SqliteStore
 
-        sync = "normal" if sqlite_synchronous == "normal" else "full"
-        return SqliteStore.from_url(url, synchronous=sync)
+        if sqlite_synchronous == "normal":
+            return SqliteStore.from_url(url, synchronous="normal")
+        return SqliteStore.from_url(url, synchronous="full")
     if url.startswith(("mongodb://", "mongodb+srv://")):
         from worker.store.mongo import MongoStore
 
         return MongoStore.from_url(url)
-    raise ValueError(f"unsupported store URL {url!r}; use sqlite:///… or mongodb://…")
+    scheme = url.split(":", 1)[0]
+    raise ValueError(f"unsupported store URL scheme {scheme!r}; use sqlite:///… or mongodb://…")

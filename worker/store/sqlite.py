@@ -215,6 +215,7 @@ class SqliteStore:
         try:
             return await self._write(insert)
         except _Conflict as conflict:
+            assert conflict.result is not None
             return conflict.result
 
     async def get_job(self, job_id: str) -> JobRecord | None:

@@ -1,0 +1,1 @@
+"""The broker side: topology, consumer and publisher (the only aio-pika users)."""

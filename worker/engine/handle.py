@@ -1,0 +1,117 @@
+"""Compare-and-set writes to one job, and claiming a job for a runner."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import timedelta
+
+from contracts.timestamps import utc_now
+from worker.errors import FencedOut, StoreUnavailable, TransientError
+from worker.models import EntryRecord, JobRecord
+from worker.store.base import Store
+
+Mutation = Callable[[JobRecord], None]
+
+#: Compare-and-set attempts before a write gives up. Only the runner and the outbox
+#: write a job, so more than a couple of misses in a row means something is wrong.
+MAX_WRITE_ATTEMPTS = 8
+
+
+class EntryChanged(TransientError):
+    """The silo entry changed under a step; the step runs again on the new version."""
+
+
+class JobHandle:
+    """The latest stored version of a job and the way to change it.
+
+    A write applies a mutation to a copy of the latest version and stores it with
+    compare-and-set on ``rev``. When another writer got there first, the mutation is
+    applied again to the fresh version, so mutations must be deltas ("append this
+    intent", "mark this reply sent") rather than whole-record snapshots. A handle made
+    with a ``fence`` belongs to the runner of that claim and raises ``FencedOut`` as
+    soon as a newer claim exists. Writes through one handle are serialised.
+    """
+
+    def __init__(self, store: Store, record: JobRecord, *, fence: int | None = None) -> None:
+        self.store = store
+        self.record = record
+        self.fence = fence
+        self._lock = asyncio.Lock()
+
+    @property
+    def job_id(self) -> str:
+        return self.record.id
+
+    async def write(
+        self,
+        mutate: Mutation,
+        *,
+        entry: EntryRecord | None = None,
+        expected_entry_rev: int | None = None,
+    ) -> JobRecord:
+        """Apply ``mutate`` and store the result; return the stored record."""
+        async with self._lock:
+            base = self.record
+            for _ in range(MAX_WRITE_ATTEMPTS):
+                candidate = base.model_copy(deep=True)
+                mutate(candidate)
+                candidate.rev = base.rev + 1
+                stored = await self.store.replace_job(
+                    candidate,
+                    expected_rev=base.rev,
+                    entry=entry,
+                    expected_entry_rev=expected_entry_rev,
+                )
+                if stored:
+                    self.record = candidate
+                    return candidate
+                base = await self._reload(base, entry_given=entry is not None)
+            raise StoreUnavailable(
+                f"job {base.id}: gave up after {MAX_WRITE_ATTEMPTS} conflicting writes"
+            )
+
+    async def refresh(self) -> JobRecord:
+        """Read the latest stored version."""
+        async with self._lock:
+            fresh = await self.store.get_job(self.record.id)
+            if fresh is None:
+                raise StoreUnavailable(f"job {self.record.id} disappeared from the store")
+            self._check_fence(fresh)
+            self.record = fresh
+            return fresh
+
+    async def _reload(self, base: JobRecord, *, entry_given: bool) -> JobRecord:
+        fresh = await self.store.get_job(base.id)
+        if fresh is None:
+            raise StoreUnavailable(f"job {base.id} disappeared from the store")
+        self._check_fence(fresh)
+        if entry_given and fresh.rev == base.rev:
+            # The job did not move, so the entry's compare-and-set is what missed.
+            raise EntryChanged(f"silo entry {base.silo_entry_id} changed during the step")
+        return fresh
+
+    def _check_fence(self, fresh: JobRecord) -> None:
+        if self.fence is not None and fresh.fence != self.fence:
+            raise FencedOut(fresh.id, self.fence)
+
+
+async def claim(
+    store: Store, record: JobRecord, *, owner: str, lease_s: float
+) -> JobHandle | None:
+    """Take ownership of a due, unfinished job; return its runner's handle, or None.
+
+    The claim is a compare-and-set that bumps the fence, so of several workers racing
+    for one job exactly one wins, and any earlier runner is fenced out.
+    """
+    now = utc_now()
+    if record.completed_at is not None or (record.due_at is not None and record.due_at > now):
+        return None
+    candidate = record.model_copy(deep=True)
+    candidate.fence = record.fence + 1
+    candidate.owner = owner
+    candidate.due_at = now + timedelta(seconds=lease_s)
+    candidate.rev = record.rev + 1
+    if not await store.replace_job(candidate, expected_rev=record.rev):
+        return None
+    return JobHandle(store, candidate, fence=candidate.fence)

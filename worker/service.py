@@ -1,0 +1,172 @@
+"""The long-running worker: start-up, the consume loop and an ordered shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from enum import Enum
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+
+from worker.actions.registry import ActionRegistry, default_registry
+from worker.amqp.consumer import Consumer
+from worker.amqp.publisher import AmqpPublisher
+from worker.amqp.topology import Topology, declare
+from worker.engine.core import Engine
+from worker.engine.runner import ServicesFactory
+from worker.keys import SigningKeyProvider
+from worker.settings import Settings
+from worker.store import Store, create_store
+from worker.workflows import load_workflow_files, put_workflow
+
+log = structlog.get_logger("worker.service")
+
+
+class WorkerState(Enum):
+    #: Created, not started.
+    NEW = "new"
+    #: Consuming commands.
+    RUNNING = "running"
+    #: Shutdown requested; finishing running jobs.
+    STOPPING = "stopping"
+    #: Everything closed.
+    STOPPED = "stopped"
+
+
+class Worker:
+    """One worker process: a store, a broker connection, an engine and a consumer.
+
+    ``run()`` returns after ``request_stop()`` once the shutdown sequence is done.
+    """
+
+    def __init__(self, settings: Settings, *, registry: ActionRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry or default_registry()
+        self.state = WorkerState.NEW
+        self.started = asyncio.Event()
+        self.engine: Engine | None = None
+        self._stop = asyncio.Event()
+        self._immediate = False
+        self._connection: AbstractRobustConnection | None = None
+        self._store: Store | None = None
+
+    def request_stop(self, *, immediate: bool = False) -> None:
+        """Begin the shutdown; ``immediate`` skips the grace period for running jobs."""
+        if immediate:
+            self._immediate = True
+        self._stop.set()
+
+    async def run(self) -> None:
+        if self.state is not WorkerState.NEW:
+            raise RuntimeError(f"a worker runs once; this one is {self.state.value}")
+        self.state = WorkerState.RUNNING
+        tasks: list[asyncio.Task[Any]] = []
+        consumer: Consumer | None = None
+        try:
+            store = await self._open_store()
+            await self._load_workflows(store)
+            connection, engine, consumer = await self._connect(store)
+            tasks = [
+                asyncio.create_task(engine.sweep_forever(), name="sweeper"),
+                asyncio.create_task(engine.renew_leases_forever(), name="leases"),
+            ]
+            log.info(
+                "worker.started",
+                owner=engine.owner,
+                prefetch=self.settings.prefetch,
+                namespace=self.settings.amqp_namespace,
+                store=self.settings.store_url.split(":", 1)[0],
+            )
+            self.started.set()
+            await self._stop.wait()
+        finally:
+            await self._shutdown(consumer, tasks)
+
+    async def _open_store(self) -> Store:
+        store = create_store(
+            self.settings.store_url, sqlite_synchronous=self.settings.sqlite_synchronous
+        )
+        await store.open()
+        self._store = store
+        return store
+
+    async def _load_workflows(self, store: Store) -> None:
+        directory = self.settings.workflows_dir
+        if directory is None:
+            return
+        for workflow in load_workflow_files([directory]):
+            record = await put_workflow(store, self.registry, workflow)
+            log.info(
+                "workflow.loaded",
+                workflow_id=workflow.id,
+                workspace_id=workflow.workspace_id,
+                version=record.version,
+            )
+
+    async def _connect(self, store: Store) -> tuple[AbstractRobustConnection, Engine, Consumer]:
+        connection = await aio_pika.connect_robust(
+            self.settings.amqp_url.get_secret_value(),
+            client_properties={
+                "connection_name": f"transform-worker {socket.gethostname()} pid {os.getpid()}"
+            },
+        )
+        self._connection = connection
+        connection.close_callbacks.add(_on_connection_closed)
+        connection.reconnect_callbacks.add(_on_reconnected)
+        publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        declared = await declare(publish_channel, Topology.from_settings(self.settings))
+        publisher = AmqpPublisher(
+            publish_channel, declared, timeout_s=self.settings.publish_timeout_s
+        )
+
+        keys = SigningKeyProvider(self.settings)
+        services = ServicesFactory(store, signing_key=keys)
+        engine = Engine(store, publisher, self.registry, services, self.settings)
+        self.engine = engine
+
+        consume_channel = await connection.channel(publisher_confirms=False)
+        await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
+        queue = await consume_channel.get_queue(declared.jobs.name, ensure=False)
+        consumer = Consumer(queue, engine)
+        await consumer.start()
+        return connection, engine, consumer
+
+    async def _shutdown(self, consumer: Consumer | None, tasks: list[asyncio.Task[Any]]) -> None:
+        """Stop in order: consuming, new work, running jobs, background loops, connections."""
+        self.state = WorkerState.STOPPING
+        log.info("worker.stopping", immediate=self._immediate)
+        # 1. No new commands: prefetched ones are requeued by their callbacks.
+        if consumer is not None:
+            await consumer.stop()
+        # 2. No new claims from the sweeper.
+        cancelled = 0
+        if self.engine is not None:
+            await self.engine.stop_accepting()
+            # 3. Running jobs get the grace period, then are cancelled and released
+            #    so that another worker resumes them at once.
+            grace = 0.0 if self._immediate else self.settings.shutdown_grace_s
+            cancelled = await self.engine.drain(grace)
+        # 4. Background loops.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # 5. Connections last, so that releases and replies above could still be written.
+        if self._connection is not None:
+            await self._connection.close()
+        if self._store is not None:
+            await self._store.close()
+        self.state = WorkerState.STOPPED
+        log.info("worker.stopped", jobs_cancelled=cancelled)
+
+
+def _on_connection_closed(_: Any, exc: BaseException | None) -> None:
+    if exc is not None:
+        log.warning("amqp.connection_lost", error=repr(exc))
+
+
+def _on_reconnected(_: Any) -> None:
+    log.info("amqp.reconnected")
