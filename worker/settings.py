@@ -39,9 +39,11 @@ class Settings(BaseSettings):
     prefetch: int = Field(default=32, ge=1, le=10_000, description="Maximum jobs running at once")
     max_message_bytes: int = Field(default=4 * MIB, ge=1024)
     delivery_limit: int = Field(
-        default=5,
+        default=20,
         ge=1,
-        description="x-delivery-limit of the work queue; must match an existing queue",
+        description="x-delivery-limit of the work queue; must match an existing queue. "
+        "RabbitMQ counts a delivery returned by a closed channel too, so a low limit "
+        "could dead-letter commands that sat in the prefetch buffer of crashed workers",
     )
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     workflows_dir: Path | None = None

@@ -4,7 +4,7 @@ The rules: a job id seen before with the same request fingerprint is a duplicate
 delivery, answered from the existing job; with another fingerprint, or from another
 workspace, it is a conflict. A key held by another job of the workspace for less
 than ``key_ttl_days`` is a conflict naming that job. ``silo_entry_id`` must exist;
-``data`` becomes a new silo entry (or reuses an identical one).
+``data`` becomes a new silo entry.
 """
 
 from __future__ import annotations
@@ -160,8 +160,8 @@ class Intake:
             if holder is not None and holder.fingerprint == request_hash and self._key_live(holder):
                 return self._duplicate(holder, command, request_hash, delivery)
 
+        entry, entry_id = await self._input(command)
         for _ in range(2):
-            entry, entry_id = await self._input(command)
             record = self._record(command, job_id, workflow, entry_id, request_hash, delivery)
             result = await self.store.insert_job(
                 record,
@@ -184,8 +184,9 @@ class Intake:
             if result.status is InsertStatus.KEY_TAKEN:
                 assert result.existing is not None
                 return self._key_taken(result.existing, command, request_hash, delivery)
-            # ENTRY_TAKEN: another command stored the same document meanwhile; decide again.
-        raise Conflict(f"silo entry for job {job_id} kept changing; send the command again")
+            # ENTRY_TAKEN: a fresh v7 id collided, which only a broken clock makes likely.
+            entry, entry_id = await self._input(command)
+        raise Conflict(f"could not store a new silo entry for job {job_id}; send the command again")
 
     async def get(self, query: GetJob) -> Job:
         """Return the job a ``job.get`` command asks for; raise NotFound otherwise."""
@@ -275,18 +276,10 @@ class Intake:
             return None, existing.id
         if command.data is None:
             return None, None
+        # Every job with data gets a new entry of its own: envelopes in the wild share
+        # head.uuid values (copied examples, resubmissions), so it cannot be the key.
         envelope = normalise_envelope(command.data)
-        entry_id = str(envelope["head"]["uuid"])
-        existing = await self.store.get_entry(command.workspace_id, entry_id)
-        if existing is not None:
-            if existing.envelope["head"]["dig"] != envelope["head"]["dig"]:
-                raise Conflict(
-                    f"silo entry {entry_id} (the envelope's head.uuid) exists in workspace "
-                    f"{command.workspace_id} with a different document; send it as "
-                    "silo_entry_id, or give the new document a new head.uuid",
-                    faults=[FaultDetail("entry-exists", "different document", ("data.head.uuid",))],
-                )
-            return None, existing.id
+        entry_id = str(uuid6.uuid7())
         now = utc_now()
         entry = EntryRecord(
             id=entry_id,

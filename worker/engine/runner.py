@@ -24,7 +24,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception,
     stop_after_attempt,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from contracts import FINAL_STATUSES, Event, Fault, Intent, Next, Status, Step, Workflow
@@ -288,10 +289,11 @@ class Runner:
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.settings.retry_inline_attempts),
-            wait=wait_exponential_jitter(
-                initial=self.settings.retry_inline_initial_s,
+            wait=wait_exponential(
+                multiplier=self.settings.retry_inline_initial_s,
                 max=self.settings.retry_inline_max_s,
-            ),
+            )
+            + wait_random(0, self.settings.retry_inline_initial_s),
             # A raiser that names its own delay goes straight to the durable schedule.
             retry=retry_if_exception(
                 lambda exc: isinstance(exc, TransientError) and exc.retry_in_s is None
@@ -357,7 +359,7 @@ class Runner:
             if envelope is None:
                 return None
             return EntryRecord(
-                id=envelope["head"]["uuid"],
+                id=str(uuid6.uuid7()),
                 workspace_id=state.job.workspace_id,
                 state=result.entry_state,
                 folder=result.entry_folder,
