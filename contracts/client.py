@@ -156,8 +156,13 @@ class JobsClient:
         return _job_from(reply)
 
     async def publish(
-        self, routing_key: str, body: Mapping[str, Any], *, message_id: str | None = None,
-        correlation_id: str | None = None, reply: bool = True,
+        self,
+        routing_key: str,
+        body: Mapping[str, Any],
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        reply: bool = True,
     ) -> str:
         """Publish a command without waiting for its reply; return its correlation id."""
         if self._commands is None:
@@ -221,5 +226,7 @@ def _job_from(reply: AbstractIncomingMessage) -> Job:
     payload = json.loads(reply.body)
     if reply.type == "job.rejected":
         status = (reply.headers or {}).get("x-status", 400)
-        raise JobRejected(Error.model_validate(payload), int(status) if isinstance(status, int) else 400)
+        raise JobRejected(
+            Error.model_validate(payload), int(status) if isinstance(status, int) else 400
+        )
     return Job.model_validate(payload)

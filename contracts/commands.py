@@ -42,13 +42,14 @@ def time_based_uuid(value: str) -> str:
     version = uuid.UUID(text).version
     if version not in TIME_BASED_VERSIONS:
         raise ValueError(
-            f"id {text} is a version {version} UUID; "
-            "jobs need a time-based UUID (version 7 or 1)"
+            f"id {text} is a version {version} UUID; jobs need a time-based UUID (version 7 or 1)"
         )
     return text
 
 
-UuidString = Annotated[str, AfterValidator(canonical_uuid), Field(json_schema_extra={"format": "uuid"})]
+UuidString = Annotated[
+    str, AfterValidator(canonical_uuid), Field(json_schema_extra={"format": "uuid"})
+]
 JobId = Annotated[str, AfterValidator(time_based_uuid), Field(json_schema_extra={"format": "uuid"})]
 WorkspaceId = Annotated[str, Field(min_length=1, max_length=64, pattern=ID_PATTERN)]
 WorkflowId = Annotated[str, Field(min_length=1, max_length=128, pattern=ID_PATTERN)]

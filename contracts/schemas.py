@@ -37,7 +37,11 @@ def build_schema(name: str) -> dict[str, Any]:
         "validation" if name in {"job.create", "job.get", "workflow"} else "serialization"
     )
     schema = model.model_json_schema(by_alias=True, mode=mode)
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{name}.json", **schema}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"{name}.json",
+        **schema,
+    }
 
 
 def render_schema(name: str) -> str:

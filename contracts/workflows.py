@@ -53,7 +53,8 @@ class Step(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     id: StepId | None = Field(
-        default=None, description="Unique within the workflow; derived from the position when absent"
+        default=None,
+        description="Unique within the workflow; derived from the position when absent",
     )
     action: ActionName = Field(validation_alias=AliasChoices("action", "provider"))
     name: str | None = None

@@ -71,7 +71,10 @@ def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]
     )
     log_file = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "worker.cli", "run"], cwd=ROOT, env=env, stdout=log_file,
+        [sys.executable, "-m", "worker.cli", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=log_file,
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 30
@@ -87,10 +90,11 @@ def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]
 
 async def submit_all(files: list[Path], namespace: str, concurrency: int) -> list[Outcome]:
     gate = asyncio.Semaphore(concurrency)
+    envelopes = {path: json.loads(path.read_text(encoding="utf-8")) for path in files}
     async with JobsClient(AMQP_URL, namespace=namespace, timeout_s=120) as client:
 
         async def one(path: Path) -> Outcome:
-            envelope = json.loads(path.read_text(encoding="utf-8"))
+            envelope = envelopes[path]
             schema = str(envelope.get("doc", {}).get("$schema", ""))
             outcome = Outcome(path.name, is_invoice=schema.endswith("bill/invoice"))
             async with gate:

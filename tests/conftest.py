@@ -21,10 +21,12 @@ import pytest
 import structlog
 import uuid6
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from pydantic import BaseModel, ConfigDict, Field
 
-from contracts import Workflow
+from contracts import Job, Workflow
 from contracts.client import JobsClient
-from worker.actions.registry import ActionRegistry, default_registry
+from worker.actions.base import ActionResult, ActionSpec, StepContext
+from worker.actions.registry import ActionRegistry, builtin_actions, default_registry
 from worker.models import WorkflowRecord
 from worker.service import Worker
 from worker.settings import Settings
@@ -121,9 +123,7 @@ async def start_worker(broker: str) -> AsyncIterator[WorkerFactory]:
     """Start workers on given settings; all are stopped and their topology deleted after."""
     started: list[RunningWorker] = []
 
-    async def start(
-        settings: Settings, *, registry: ActionRegistry | None = None
-    ) -> RunningWorker:
+    async def start(settings: Settings, *, registry: ActionRegistry | None = None) -> RunningWorker:
         worker = Worker(settings, registry=registry or default_registry(plugins=False))
         task = asyncio.create_task(worker.run())
         started_wait = asyncio.create_task(worker.started.wait())
@@ -266,9 +266,7 @@ class RawCommands:
         assert self.replies is not None
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         correlation_id = correlation_id or str(uuid6.uuid7())
-        self._waiting.setdefault(
-            correlation_id, asyncio.get_running_loop().create_future()
-        )
+        self._waiting.setdefault(correlation_id, asyncio.get_running_loop().create_future())
         message = aio_pika.Message(
             data,
             content_type=content_type,
@@ -313,3 +311,46 @@ def reply_status(message: AbstractIncomingMessage) -> int:
     status = (message.headers or {}).get("x-status")
     assert isinstance(status, int), f"x-status header missing: {message.headers}"
     return status
+
+
+# A test action and a probe job, shared by the AMQP tests of replies, rejections and
+# creation rules.
+
+
+class NapConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(default=0.0, ge=0, le=30)
+
+
+async def nap(ctx: StepContext[NapConfig]) -> ActionResult:
+    """Wait ``seconds``, then succeed: a step that needs no silo entry and takes a set time."""
+    await asyncio.sleep(ctx.config.seconds)
+    return ActionResult()
+
+
+def registry_with_nap() -> ActionRegistry:
+    """Return the built-in actions plus ``test.nap``."""
+    return ActionRegistry([*builtin_actions(), ActionSpec("test.nap", nap, NapConfig)])
+
+
+#: A workflow that runs one instant ``test.nap`` step, so a meta-only job completes.
+NAP_WORKFLOW: dict[str, Any] = {
+    "id": "nap",
+    "steps": [{"id": "nap", "action": "test.nap", "config": {"seconds": 0}}],
+}
+
+
+async def start_nap_worker(start: WorkerFactory, settings: Settings) -> RunningWorker:
+    """Start a worker that knows ``test.nap`` and has the ``nap`` workflow stored."""
+    running = await start(settings, registry=registry_with_nap())
+    await running.put_workflow(NAP_WORKFLOW)
+    return running
+
+
+async def run_probe_job(client: JobsClient) -> Job:
+    """Create a meta-only ``nap`` job and return it once completed.
+
+    Tests call it after a bad command to show that the worker still consumes.
+    """
+    return await client.create_job({"workflow_id": "nap", "meta": {"probe": "yes"}}, wait=10)

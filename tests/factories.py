@@ -80,7 +80,11 @@ def reply_item(**fields: Any) -> OutboxItem:
 
 
 def workflow_record(
-    workflow_id: str = "invoice", *, workspace_id: str = "default", version: str = "v1", **extra: Any
+    workflow_id: str = "invoice",
+    *,
+    workspace_id: str = "default",
+    version: str = "v1",
+    **extra: Any,
 ) -> WorkflowRecord:
     workflow = Workflow.model_validate(
         {

@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--workspace", default="default")
     show.set_defaults(handler=_show)
 
+    attachment = jobs.add_parser("attachment", help="write one of a job's attachments to a file")
+    attachment.add_argument("id", help="job id")
+    attachment.add_argument("key", help="attachment key, such as pdf")
+    attachment.add_argument("-o", "--output", type=Path, required=True, help="file to write")
+    attachment.add_argument("--workspace", default="default")
+    attachment.set_defaults(handler=_attachment)
+
     workflows = commands.add_parser("workflows", help="manage workflows").add_subparsers(
         required=True, metavar="ACTION"
     )
@@ -165,6 +172,34 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
             return await client.get_job(id=args.id, key=args.key, workspace_id=args.workspace)
 
     return _print_reply(show)
+
+
+def _attachment(args: argparse.Namespace, settings: Settings) -> int:
+    async def fetch() -> str | None:
+        store = create_store(settings.store_url, sqlite_synchronous=settings.sqlite_synchronous)
+        await store.open()
+        try:
+            job = await store.get_job(args.id)
+            if job is None or job.workspace_id != args.workspace:
+                return f"no job {args.id} in workspace {args.workspace}"
+            found = [a for a in job.attachments if a.key == args.key]
+            if not found:
+                keys = ", ".join(a.key for a in job.attachments) or "none"
+                return f"job {args.id} has no attachment {args.key!r}; it has: {keys}"
+            stored = await store.get_file(job.workspace_id, found[-1].id)
+            if stored is None:
+                return f"the bytes of attachment {found[-1].id} are missing from the store"
+            args.output.write_bytes(stored.data)
+            print(f"{args.output} ({len(stored.data)} bytes, {found[-1].mime})")
+            return None
+        finally:
+            await store.close()
+
+    problem = asyncio.run(fetch())
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _put(args: argparse.Namespace, settings: Settings) -> int:

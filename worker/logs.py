@@ -18,7 +18,11 @@ import structlog
 LogFormat = Literal["json", "console"]
 
 #: Libraries whose own log lines are kept, at this level or above.
-LIBRARY_LEVELS = {"aio_pika": logging.WARNING, "aiormq": logging.WARNING, "pymongo": logging.WARNING}
+LIBRARY_LEVELS = {
+    "aio_pika": logging.WARNING,
+    "aiormq": logging.WARNING,
+    "pymongo": logging.WARNING,
+}
 
 
 def configure_logging(log_format: LogFormat = "json", level: str = "info") -> None:

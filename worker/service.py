@@ -9,6 +9,7 @@ from enum import Enum
 from typing import Any
 
 import aio_pika
+import httpx
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
@@ -53,6 +54,7 @@ class Worker:
         self._immediate = False
         self._connection: AbstractRobustConnection | None = None
         self._store: Store | None = None
+        self._http: httpx.AsyncClient | None = None
 
     def request_stop(self, *, immediate: bool = False) -> None:
         """Begin the shutdown; ``immediate`` skips the grace period for running jobs."""
@@ -69,7 +71,7 @@ class Worker:
         try:
             store = await self._open_store()
             await self._load_workflows(store)
-            connection, engine, consumer = await self._connect(store)
+            engine, consumer = await self._connect(store)
             tasks = [
                 asyncio.create_task(engine.sweep_forever(), name="sweeper"),
                 asyncio.create_task(engine.renew_leases_forever(), name="leases"),
@@ -107,7 +109,7 @@ class Worker:
                 version=record.version,
             )
 
-    async def _connect(self, store: Store) -> tuple[AbstractRobustConnection, Engine, Consumer]:
+    async def _connect(self, store: Store) -> tuple[Engine, Consumer]:
         connection = await aio_pika.connect_robust(
             self.settings.amqp_url.get_secret_value(),
             client_properties={
@@ -124,7 +126,14 @@ class Worker:
         )
 
         keys = SigningKeyProvider(self.settings)
-        services = ServicesFactory(store, signing_key=keys)
+        # Redirects are not followed, so a webhook cannot be bounced off the allow-list.
+        self._http = httpx.AsyncClient(follow_redirects=False)
+        services = ServicesFactory(
+            store,
+            signing_key=keys,
+            webhook_allow_hosts=self.settings.webhook_hosts,
+            http=self._http,
+        )
         engine = Engine(store, publisher, self.registry, services, self.settings)
         self.engine = engine
 
@@ -133,7 +142,7 @@ class Worker:
         queue = await consume_channel.get_queue(declared.jobs.name, ensure=False)
         consumer = Consumer(queue, engine)
         await consumer.start()
-        return connection, engine, consumer
+        return engine, consumer
 
     async def _shutdown(self, consumer: Consumer | None, tasks: list[asyncio.Task[Any]]) -> None:
         """Stop in order: consuming, new work, running jobs, background loops, connections."""
@@ -157,6 +166,8 @@ class Worker:
         # 5. Connections last, so that releases and replies above could still be written.
         if self._connection is not None:
             await self._connection.close()
+        if self._http is not None:
+            await self._http.aclose()
         if self._store is not None:
             await self._store.close()
         self.state = WorkerState.STOPPED

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         gt=0,
         description="Age after which an unpublished reply or event is published again",
     )
+    webhook_allow_hosts: str = Field(
+        default="",
+        description="Comma-separated hosts (or host:port) the webhook action may call; "
+        "empty allows none",
+    )
     key_ttl_days: int = Field(
         default=730, ge=1, description="How long a job key stays taken (2 years)"
     )
@@ -97,6 +102,13 @@ class Settings(BaseSettings):
                 "TRANSFORM_STORE_URL must start with sqlite:///, mongodb:// or mongodb+srv://"
             )
         return value
+
+    @property
+    def webhook_hosts(self) -> frozenset[str]:
+        """The webhook allow-list, lower-cased."""
+        return frozenset(
+            host.strip().lower() for host in self.webhook_allow_hosts.split(",") if host.strip()
+        )
 
     def exchange(self, suffix: str) -> str:
         """Return the name of one of the worker's exchanges or queues."""

@@ -30,9 +30,7 @@ async def test_invoice_is_numbered_and_signed(
 ) -> None:
     await worker.put_workflow(INVOICE_WORKFLOW)
 
-    job = await client.create_job(
-        {"workflow_id": "invoice", "data": load_envelope()}, wait=10
-    )
+    job = await client.create_job({"workflow_id": "invoice", "data": load_envelope()}, wait=10)
 
     assert job.completed_at is not None
     assert job.faults == []

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+import httpx
 from pydantic import BaseModel, ConfigDict
 
 from contracts import Status
@@ -94,12 +95,6 @@ class NumberSeries(Protocol):
         ...
 
 
-class HttpClient(Protocol):
-    """The part of an HTTP client that actions may use (an ``httpx.AsyncClient``)."""
-
-    async def post(self, url: str, **kwargs: Any) -> Any: ...
-
-
 @dataclass(frozen=True)
 class Services:
     """What the engine lends to actions."""
@@ -107,7 +102,8 @@ class Services:
     numbers: NumberSeries
     signing_key: Callable[[], Awaitable[SigningKey]]
     webhook_allow_hosts: frozenset[str] = frozenset()
-    http: HttpClient | None = None
+    #: Shared HTTP client; it does not follow redirects.
+    http: httpx.AsyncClient | None = None
 
 
 @dataclass(frozen=True)

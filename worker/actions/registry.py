@@ -69,9 +69,9 @@ class ActionRegistry:
 
 def builtin_actions() -> list[ActionSpec]:
     """Return the actions that ship with the worker."""
-    from worker.actions import sequence, silo
+    from worker.actions import sequence, silo, webhook
 
-    return [*silo.ACTIONS, *sequence.ACTIONS]
+    return [*silo.ACTIONS, *sequence.ACTIONS, *webhook.ACTIONS]
 
 
 def plugin_actions() -> list[ActionSpec]:

@@ -29,8 +29,11 @@ class CloseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-NO_ENTRY = ko("no-entry", "the job has no silo entry; give silo_entry_id or data, "
-              "or run a step that creates the document first")
+NO_ENTRY = ko(
+    "no-entry",
+    "the job has no silo entry; give silo_entry_id or data, "
+    "or run a step that creates the document first",
+)
 
 
 async def set_state(ctx: StepContext[StateConfig]) -> ActionResult:

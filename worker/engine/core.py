@@ -11,6 +11,7 @@ live worker claims and resumes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -25,7 +26,7 @@ from contracts import CREATE_JOB, GET_JOB, CreateJob, Fault, GetJob, Workflow
 from contracts.timestamps import utc_now
 from worker.actions.registry import ActionRegistry
 from worker.engine.handle import JobHandle, claim
-from worker.engine.intake import Accepted, Duplicate, Intake, decode, error_body
+from worker.engine.intake import Duplicate, Intake, decode, error_body
 from worker.engine.messages import (
     JOB_FAILED,
     JOB_FOUND,
@@ -36,7 +37,7 @@ from worker.engine.messages import (
     Outgoing,
     Publisher,
 )
-from worker.engine.outbox import Outbox, claim_completion, job_headers, new_event
+from worker.engine.outbox import Outbox, claim_completion, new_event
 from worker.engine.runner import Runner, ServicesFactory
 from worker.errors import (
     FencedOut,
@@ -177,7 +178,9 @@ class Engine:
         job = await self._retry_store(lambda: self.intake.get(query))
         log.info("job.found", job_id=job.id, workspace_id=job.workspace_id)
         if delivery.reply_to:
-            await self._reply_now(delivery, JOB_FOUND, job.model_dump_json().encode(), job_id=job.id)
+            await self._reply_now(
+                delivery, JOB_FOUND, job.model_dump_json().encode(), job_id=job.id
+            )
         return Settlement.ACK
 
     async def _answer_duplicate(
@@ -366,9 +369,7 @@ class Engine:
         def record(job: JobRecord) -> None:
             if job.completed_at is not None:
                 return
-            job.faults.append(
-                Fault(code="internal-error", message=f"{type(exc).__name__}: {exc}")
-            )
+            job.faults.append(Fault(code="internal-error", message=f"{type(exc).__name__}: {exc}"))
             job.completed_at = now
             job.updated_at = now
             job.due_at = None
@@ -420,12 +421,10 @@ class Engine:
             except TransientError as exc:
                 log.warning("sweeper.failed", error=str(exc))
             self._wake_sweeper.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._wake_sweeper.wait(), timeout=self.settings.sweep_interval_s
                 )
-            except TimeoutError:
-                pass
 
     async def sweep_once(self) -> None:
         now = utc_now()

@@ -96,9 +96,7 @@ class JobHandle:
             raise FencedOut(fresh.id, self.fence)
 
 
-async def claim(
-    store: Store, record: JobRecord, *, owner: str, lease_s: float
-) -> JobHandle | None:
+async def claim(store: Store, record: JobRecord, *, owner: str, lease_s: float) -> JobHandle | None:
     """Take ownership of a due, unfinished job; return its runner's handle, or None.
 
     The claim is a compare-and-set that bumps the fence, so of several workers racing

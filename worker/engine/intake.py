@@ -346,10 +346,9 @@ def error_body(exc: Any) -> bytes:
     error = Error(
         key=exc.key,
         message=exc.message,
-        faults=[ErrorFault(code=f.code, paths=list(f.paths), message=f.message) for f in exc.faults],
+        faults=[
+            ErrorFault(code=f.code, paths=list(f.paths), message=f.message) for f in exc.faults
+        ],
         job_id=exc.job_id,
     )
     return error.model_dump_json().encode()
-
-
-

@@ -25,6 +25,7 @@ from worker.models import JobRecord, OutboxItem
 
 log = structlog.get_logger("worker.outbox")
 
+
 def new_event(name: str, now: datetime) -> OutboxItem:
     return OutboxItem(
         id=str(uuid6.uuid7()),
@@ -200,9 +201,11 @@ class Outbox:
         def reclaim(job: JobRecord) -> None:
             reclaimed.clear()
             for item in job.outbox:
-                if item.id in stale and item.state == "sending" and (
-                    item.claimed_at or now
-                ) <= stale_before:
+                if (
+                    item.id in stale
+                    and item.state == "sending"
+                    and (item.claimed_at or now) <= stale_before
+                ):
                     item.claimed_at = utc_now()
                     reclaimed.append(item.id)
             job.refresh_outbox_due(self.retry_after_s)

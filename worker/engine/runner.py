@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
+import httpx
 import structlog
 import uuid6
 from pydantic import ValidationError
@@ -28,20 +30,20 @@ from tenacity import (
     wait_random,
 )
 
-from contracts import FINAL_STATUSES, Event, Fault, Intent, Next, Status, Step, Workflow
+from contracts import FINAL_STATUSES, Attachment, Event, Fault, Intent, Next, Status, Step, Workflow
 from contracts.timestamps import utc_now
-from worker.actions.base import ActionResult, ActionSpec, HttpClient, Services, StepContext
+from worker.actions.base import ActionResult, ActionSpec, Services, StepContext
 from worker.actions.registry import ActionRegistry
 from worker.engine.handle import EntryChanged, JobHandle
 from worker.engine.messages import JOB_COMPLETED, JOB_FAILED
 from worker.engine.outbox import Outbox, claim_completion, new_event
 from worker.engine.schedule import retry_delay_s
 from worker.errors import StoreUnavailable, TransientError, Unprocessable
-from worker.gobl.signing import SigningKey
 from worker.gobl.envelope import document_schema, normalise_envelope, replace_document
+from worker.gobl.signing import SigningKey
 from worker.models import EntryRecord, JobRecord
 from worker.settings import Settings
-from worker.store.base import Store
+from worker.store.base import Store, StoredFile
 
 log = structlog.get_logger("worker.runner")
 
@@ -74,7 +76,7 @@ class ServicesFactory:
         *,
         signing_key: Callable[[], Awaitable[SigningKey]],
         webhook_allow_hosts: frozenset[str] = frozenset(),
-        http: HttpClient | None = None,
+        http: httpx.AsyncClient | None = None,
     ) -> None:
         self.store = store
         self.signing_key = signing_key
@@ -101,9 +103,7 @@ class EntryNumbers:
     async def assign(self, series: str, *, start: int) -> int:
         if self.entry_id is None:
             raise ValueError("a number needs a silo entry to belong to")
-        return await self.store.assign_number(
-            self.workspace_id, series, self.entry_id, start=start
-        )
+        return await self.store.assign_number(self.workspace_id, series, self.entry_id, start=start)
 
 
 class RunState:
@@ -220,12 +220,16 @@ class Runner:
             result = await self._execute(step, spec, intent, state)
             if result is None:
                 return None
+            attachments = await self._store_attachments(result, state)
             try:
-                staged = self._staged_entry(result, state)
+                staged = self._staged_entry(result, state, attachments)
             except Unprocessable as exc:
                 result, staged = ActionResult(Status.KO, "invalid-document", exc.message), None
+                attachments = []
             try:
-                await self._finish_step(step, intent, result, staged, state, rescue=rescue)
+                await self._finish_step(
+                    step, intent, result, staged, state, rescue=rescue, attachments=attachments
+                )
             except EntryChanged as exc:
                 _add_event(intent, Status.ERR, code="entry-changed", message=exc.message)
                 await self._reload_entry(state)
@@ -312,9 +316,7 @@ class Runner:
                     log.exception(
                         "step.crashed", job_id=state.job.id, step_id=step.id, action=step.action
                     )
-                    return ActionResult(
-                        Status.KO, "action-error", f"{type(exc).__name__}: {exc}"
-                    )
+                    return ActionResult(Status.KO, "action-error", f"{type(exc).__name__}: {exc}")
         raise AssertionError("tenacity ended without a result")  # pragma: no cover
 
     def _context(self, step: Step, config: Any, state: RunState) -> StepContext[Any]:
@@ -337,7 +339,33 @@ class Runner:
             faults=[fault.model_dump() for fault in job.faults],
         )
 
-    def _staged_entry(self, result: ActionResult, state: RunState) -> EntryRecord | None:
+    async def _store_attachments(self, result: ActionResult, state: RunState) -> list[Attachment]:
+        """Store the files an OK result produced and return their attachment records."""
+        if result.status is not Status.OK or not result.attachments:
+            return []
+        records = []
+        for new in result.attachments:
+            file_id = str(uuid6.uuid7())
+            await self.store.put_file(
+                StoredFile(state.job.workspace_id, file_id, new.name, new.mime, new.data)
+            )
+            records.append(
+                Attachment(
+                    id=file_id,
+                    key=new.key,
+                    name=new.name,
+                    desc=new.desc,
+                    mime=new.mime,
+                    size=len(new.data),
+                    hash=hashlib.sha256(new.data).hexdigest(),
+                    category=new.category,
+                )
+            )
+        return records
+
+    def _staged_entry(
+        self, result: ActionResult, state: RunState, attachments: list[Attachment]
+    ) -> EntryRecord | None:
         """Return the entry as an OK result leaves it, or None when it does not change it.
 
         A new entry (the step created the document) has ``rev`` -1.
@@ -352,7 +380,8 @@ class Runner:
                 envelope = normalise_envelope(result.document)
             else:
                 envelope = replace_document(state.entry.envelope, result.document)
-        if envelope is None and result.entry_state is None and result.entry_folder is None:
+        unchanged = result.entry_state is None and result.entry_folder is None
+        if envelope is None and unchanged and (not attachments or state.entry is None):
             return None
         now = utc_now()
         if state.entry is None:
@@ -375,6 +404,7 @@ class Runner:
             entry.state = result.entry_state
         if result.entry_folder is not None:
             entry.folder = result.entry_folder
+        entry.attachments = _merge_attachments(entry.attachments, attachments)
         entry.updated_at = now
         return entry
 
@@ -394,6 +424,7 @@ class Runner:
         state: RunState,
         *,
         rescue: bool,
+        attachments: list[Attachment] | None = None,
     ) -> None:
         """Store the step's final event, with the entry it changed, in one write."""
         now = utc_now()
@@ -422,6 +453,8 @@ class Runner:
             job.updated_at = now
             if staged is not None:
                 job.silo_entry_id = staged.id
+            if attachments:
+                job.attachments = _merge_attachments(job.attachments, attachments)
             if fault is not None:
                 job.faults.append(fault)
 
@@ -580,6 +613,12 @@ def _add_event(
         Event(index=len(intent.events), status=status, at=at, code=code, message=message)
     )
     intent.updated_at = at
+
+
+def _merge_attachments(current: list[Attachment], new: list[Attachment]) -> list[Attachment]:
+    """Return ``current`` with ``new`` added; a new attachment replaces one with its key."""
+    keys = {attachment.key for attachment in new}
+    return [a for a in current if a.key not in keys] + list(new)
 
 
 def _matching_block(step: Step, outcome: StepOutcome) -> Next | None:
