@@ -5,7 +5,8 @@ The body is ``{id, event, job_id, silo_entry_id, workspace_id, key, meta, faults
 ``id`` and a receiver can drop repeats. A 2xx answer is OK; 5xx, 429, timeouts and
 network errors are transient (retried, honouring ``Retry-After``); any other status is
 KO with the status as code. Redirects are not followed: a 3xx is KO too, because
-following it could leave the allow-list.
+following it could leave the allow-list. User info in the URL is sent as Basic
+credentials unless a ``token`` is configured, which is sent as a bearer token instead.
 """
 
 from __future__ import annotations
@@ -89,12 +90,13 @@ async def post(ctx: StepContext[WebhookConfig]) -> ActionResult:
         "faults": list(ctx.faults),
     }
     headers = dict(config.headers)
+    url = config.url
     if config.token is not None:
+        # User info in the URL would become Basic credentials; the token wins over it.
         headers["Authorization"] = f"Bearer {config.token.get_secret_value()}"
+        url = str(httpx.URL(url).copy_with(username=None, password=None))
     try:
-        response = await client.post(
-            config.url, json=body, headers=headers, timeout=config.timeout_s
-        )
+        response = await client.post(url, json=body, headers=headers, timeout=config.timeout_s)
     except httpx.TimeoutException as exc:
         raise TransientError(f"POST {target} timed out after {config.timeout_s:g} s") from exc
     except httpx.HTTPError as exc:
