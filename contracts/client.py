@@ -41,7 +41,7 @@ REPLY_QUEUE_EXPIRES_MS = 10 * 60 * 1000
 
 
 class JobRejected(Exception):
-    """The worker rejected the command; ``error`` says why and ``status`` how (HTTP-like)."""
+    """The worker rejected the command; ``error`` holds the reason, ``status`` the HTTP code."""
 
     def __init__(self, error: Error, status: int) -> None:
         super().__init__(f"{status} {error.key}: {error.message}")

@@ -1,7 +1,7 @@
 """The engine: handles commands, runs jobs within a capacity, and sweeps the store.
 
 The consumer hands each delivery to ``Engine.handle`` and settles the message by the
-returned ``Settlement``; nothing here knows about the broker's types. A create-job
+returned ``Settlement``; nothing here uses the broker's types. A create-job
 command is acknowledged as soon as its job is stored: from then on the store, not
 the delivery, owns the job. A job's runner holds a lease that it renews; when a
 worker dies, its jobs come due again when their leases end, and the sweeper of any
@@ -57,7 +57,7 @@ T = TypeVar("T")
 
 
 class Settlement(Enum):
-    """What the consumer does with a delivery once the engine is done with it."""
+    """Settlement of a delivery once the engine is done with it."""
 
     ACK = "ack"
     REQUEUE = "requeue"
@@ -135,7 +135,7 @@ class Engine:
     # Commands
 
     async def handle(self, delivery: Delivery) -> Settlement:
-        """Process one command and say how to settle its message."""
+        """Process one command and return how to settle its message."""
         with bound_contextvars(
             routing_key=delivery.routing_key, correlation_id=delivery.correlation_id
         ):
@@ -293,7 +293,7 @@ class Engine:
         return await self._reject(delivery, rejection)
 
     async def _retry_store(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run a store operation until the store answers, backing off up to 5 s.
+        """Run a store operation until it succeeds, backing off up to 5 s between tries.
 
         The message stays unacknowledged meanwhile, so nothing is lost; when the
         worker is stopping, StoreUnavailable is raised and the message is requeued.

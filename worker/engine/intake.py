@@ -1,8 +1,8 @@
 """Decoding commands and deciding whether a create-job command makes a new job.
 
 The rules: a job id seen before with the same request fingerprint is a duplicate
-delivery, answered from the existing job; with another fingerprint, or from another
-workspace, it is a conflict. A key held by another job of the workspace for less
+delivery, and the caller gets the existing job. With another fingerprint, or from
+another workspace, the same id is a conflict. A key held by another job of the workspace for less
 than ``key_ttl_days`` is a conflict naming that job. ``silo_entry_id`` must exist;
 ``data`` becomes a new silo entry.
 """
@@ -129,7 +129,7 @@ def _json_type(value: Any) -> str:
 
 
 def fingerprint(command: CreateJob) -> str:
-    """Return the hash that tells a duplicate delivery from a different request.
+    """Return the hash that separates a duplicate delivery from a different request.
 
     It covers the normalised body without ``wait`` (how long the caller waits does
     not change the job) and without ``id`` (compared on its own).
@@ -189,7 +189,7 @@ class Intake:
         raise Conflict(f"could not store a new silo entry for job {job_id}; send the command again")
 
     async def get(self, query: GetJob) -> Job:
-        """Return the job a ``job.get`` command asks for; raise NotFound otherwise."""
+        """Return the job a ``job.get`` command names; raise NotFound otherwise."""
         if query.id is not None:
             job = await self.store.get_job(query.id)
             if job is None or job.workspace_id != query.workspace_id:

@@ -2,9 +2,9 @@
 
 Every reply and event is first written to the job's outbox, then published, then
 marked sent. Each write is compare-and-set, so two workers never both claim one
-reply. A worker that dies between publishing and marking leaves the item ``sending``;
-the sweeper publishes it again once ``outbox_retry_s`` has passed, with the same
-``message_id``, so listeners that must see each reply once can drop the copy.
+reply. A worker that dies between publishing and marking leaves the item ``sending``.
+The sweeper publishes it again once ``outbox_retry_s`` has passed, with the same
+``message_id``, so that listeners that must see each reply once can drop the copy.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Outbox:
         record.refresh_outbox_due(self.retry_after_s)
 
     async def send_deadline_reply(self, handle: JobHandle, item_id: str) -> None:
-        """Answer a caller whose ``wait`` ran out with ``job.pending``, unless already answered."""
+        """Send ``job.pending`` to a caller whose ``wait`` ran out, unless it has its reply."""
         claimed: list[bool] = []
 
         def claim(record: JobRecord) -> None:

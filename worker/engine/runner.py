@@ -1,8 +1,8 @@
 """Runs a claimed job's workflow, step by step, resuming where an earlier run stopped.
 
 Resuming is replay: the flow is walked from the start, and a step with a completed
-intent is not run again; its recorded status and code steer the flow as they did the
-first time. Only the first step without a completed intent runs.
+intent is not run again. Its recorded status and code steer the flow as they did the
+first time, so the first step without a completed intent is the first to run.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ MAX_ENTRY_CONFLICTS = 3
 
 
 class Flow(Enum):
-    """How a list of steps ended."""
+    """The way a list of steps ended."""
 
     CONTINUE = "continue"
     STOP = "stop"
@@ -107,7 +107,7 @@ class EntryNumbers:
 
 
 class RunState:
-    """What one run of a job knows: the workflow, the entry and the finished steps."""
+    """State of one run of a job: the workflow, the entry and the finished steps."""
 
     def __init__(self, handle: JobHandle, workflow: Workflow, entry: EntryRecord | None) -> None:
         self.handle = handle
@@ -509,7 +509,9 @@ class Runner:
             delay = error.retry_in_s or retry_delay_s(attempt, self.settings)
         waited = (now - intent.created_at).total_seconds()
         if waited + delay > self.settings.retry_total_s:
-            reason = error.message if error else (queued.message if queued else None)
+            reason = error.message if error is not None else None
+            if queued is not None:
+                reason = queued.message
             return ActionResult(
                 Status.KO,
                 "retries-exhausted",
