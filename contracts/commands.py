@@ -57,6 +57,13 @@ JobKey = Annotated[str, Field(min_length=1, max_length=255)]
 Tag = Annotated[str, Field(min_length=1, max_length=100)]
 
 
+def _document_args_alias(schema: dict[str, Any]) -> None:
+    # Pydantic writes only the first alias choice into the schema; publish both.
+    properties = schema["properties"]
+    properties["args"] = {**properties["meta"], "description": "Alias of meta"}
+    schema["not"] = {"required": ["meta", "args"]}
+
+
 class CreateJob(BaseModel):
     """Body of a ``job.create`` command.
 
@@ -64,7 +71,9 @@ class CreateJob(BaseModel):
     are given, ``silo_entry_id`` wins, then ``data``.
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, json_schema_extra=_document_args_alias
+    )
 
     id: JobId | None = Field(
         default=None,

@@ -47,10 +47,22 @@ class Next(BaseModel):
         return self.code is None or self.code == code
 
 
+def _document_provider_alias(schema: dict[str, Any]) -> None:
+    # Pydantic writes only the first alias choice into the schema; publish both.
+    properties = schema["properties"]
+    properties["provider"] = {**properties["action"], "description": "Alias of action"}
+    schema["required"] = [name for name in schema.get("required", []) if name != "action"]
+    if not schema["required"]:
+        del schema["required"]
+    schema["oneOf"] = [{"required": ["action"]}, {"required": ["provider"]}]
+
+
 class Step(BaseModel):
     """One action with its config; ``provider`` is accepted as an alias of ``action``."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, json_schema_extra=_document_provider_alias
+    )
 
     id: StepId | None = Field(
         default=None,

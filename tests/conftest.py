@@ -342,7 +342,7 @@ NAP_WORKFLOW: dict[str, Any] = {
 
 
 async def start_nap_worker(start: WorkerFactory, settings: Settings) -> RunningWorker:
-    """Start a worker that knows ``test.nap`` and has the ``nap`` workflow stored."""
+    """Start a worker with the ``test.nap`` action registered and the ``nap`` workflow stored."""
     running = await start(settings, registry=registry_with_nap())
     await running.put_workflow(NAP_WORKFLOW)
     return running
@@ -354,3 +354,30 @@ async def run_probe_job(client: JobsClient) -> Job:
     Tests call it after a bad command to show that the worker still consumes.
     """
     return await client.create_job({"workflow_id": "nap", "meta": {"probe": "yes"}}, wait=10)
+
+
+def job_events(events: Captured, job_id: str, message_type: str) -> list[AbstractIncomingMessage]:
+    """Return the captured events of one type whose ``x-job-id`` header is ``job_id``."""
+    return [m for m in events.of_type(message_type) if (m.headers or {}).get("x-job-id") == job_id]
+
+
+async def flush_events(client: JobsClient, events: Captured) -> None:
+    """Run a probe job and wait for its ``job.completed`` event.
+
+    The worker publishes every event on one channel, and RabbitMQ keeps the order of
+    one channel's messages to one queue, so once the probe's event has arrived, every
+    event the worker published before it has arrived too.
+    """
+    probe = await run_probe_job(client)
+    await events.wait_for(
+        lambda m: m.type == "job.completed" and (m.headers or {}).get("x-job-id") == probe.id
+    )
+
+
+async def flush_replies(raw: RawCommands) -> None:
+    """Send a ``job.get`` and wait for its reply.
+
+    The worker publishes every reply on one channel, so a reply it sent to ``raw``'s
+    queue before this one has arrived by the time this one does.
+    """
+    await raw.send({"key": "flush-replies"}, routing_key="job.get")

@@ -28,6 +28,7 @@ from worker.actions.registry import ActionRegistry
 from worker.engine.handle import JobHandle, claim
 from worker.engine.intake import Duplicate, Intake, decode, error_body
 from worker.engine.messages import (
+    JOB_COMPLETED,
     JOB_FAILED,
     JOB_FOUND,
     JOB_PENDING,
@@ -37,7 +38,7 @@ from worker.engine.messages import (
     Outgoing,
     Publisher,
 )
-from worker.engine.outbox import Outbox, claim_completion, new_event
+from worker.engine.outbox import Outbox, claim_completion, new_event, new_reply
 from worker.engine.runner import Runner, ServicesFactory
 from worker.errors import (
     FencedOut,
@@ -186,24 +187,21 @@ class Engine:
     async def _answer_duplicate(
         self, duplicate: Duplicate, command: CreateJob, delivery: Delivery
     ) -> None:
-        job = duplicate.job
-        if duplicate.answer_now is not None:
-            body = job.public().model_dump_json().encode()
-            await self._reply_now(delivery, duplicate.answer_now, body, job_id=job.id)
-            return
+        """Register the duplicate's reply on the job, unless its caller has one already.
+
+        A redelivery carries the same ``reply_to`` and ``correlation_id`` as the first
+        delivery, so it finds its reply registered and gets no second one. A new
+        caller's reply goes through the outbox like any other: at once when the job
+        is finished (or ``wait`` is 0), at completion or deadline otherwise.
+        """
         if delivery.reply_to is None:
             return
-        # The job is still running: register this caller's reply on it.
-        from worker.engine.outbox import new_reply
-
-        reply = new_reply(delivery.reply_to, delivery.correlation_id, command.wait, utc_now())
-        completed_meanwhile: list[bool] = []
+        now = utc_now()
+        reply = new_reply(delivery.reply_to, delivery.correlation_id, command.wait, now)
+        claimed: list[str] = []
 
         def register(record: JobRecord) -> None:
-            completed_meanwhile.clear()
-            if record.completed_at is not None:
-                completed_meanwhile.append(True)
-                return
+            claimed.clear()
             if any(
                 item.kind == "reply"
                 and item.reply_to == reply.reply_to
@@ -211,16 +209,22 @@ class Engine:
                 for item in record.outbox
             ):
                 return
-            record.outbox.append(reply.model_copy())
+            item = reply.model_copy()
+            if record.completed_at is not None:
+                item.state = "sending"
+                item.claimed_at = now
+                item.message_type = JOB_COMPLETED
+            record.outbox.append(item)
+            if item.state == "sending":
+                claimed.append(item.id)
             record.refresh_outbox_due(self.settings.outbox_retry_s)
 
-        handle = JobHandle(self.store, job)
-        stored = await self._retry_store(lambda: handle.write(register))
-        if completed_meanwhile:
-            body = stored.public().model_dump_json().encode()
-            await self._reply_now(delivery, "job.completed", body, job_id=job.id)
-        elif reply.deadline is not None:
-            self._schedule_deadline(job.id, reply.id, reply.deadline.timestamp())
+        handle = JobHandle(self.store, duplicate.job)
+        await self._retry_store(lambda: handle.write(register))
+        if claimed:
+            await self.outbox.deliver(handle, claimed)
+        elif reply.deadline is not None and handle.record.completed_at is None:
+            self._schedule_deadline(handle.job_id, reply.id, reply.deadline.timestamp())
 
     async def _reply_now(
         self, delivery: Delivery, reply_type: str, body: bytes, *, job_id: str | None

@@ -55,10 +55,9 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Duplicate:
-    """A command for a job that exists; ``answer_now`` is the reply owed at once, if any."""
+    """A command for a job that exists already."""
 
     job: JobRecord
-    answer_now: str | None
 
 
 def decode(delivery: Delivery, model: type[BaseModel], max_bytes: int) -> Any:
@@ -240,13 +239,7 @@ class Intake:
             workspace_id=existing.workspace_id,
             completed=existing.completed_at is not None,
         )
-        if delivery.reply_to is None:
-            return Duplicate(existing, None)
-        if existing.completed_at is not None:
-            return Duplicate(existing, "job.completed")
-        if command.wait == 0:
-            return Duplicate(existing, "job.pending")
-        return Duplicate(existing, None)
+        return Duplicate(existing)
 
     def _key_taken(
         self, holder: JobRecord, command: CreateJob, request_hash: str, delivery: Delivery
