@@ -21,7 +21,8 @@ from worker.gobl.signing import SigningKey
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
-#: Statuses an action may return; ERR is raised as TransientError instead.
+#: Statuses an action may return; ERR is raised as TransientError instead. The engine
+#: turns any other status into a KO with code ``invalid-result``.
 RESULT_STATUSES = frozenset({Status.OK, Status.SKIP, Status.KO, Status.QUEUED})
 
 
@@ -63,13 +64,6 @@ class ActionResult:
     entry_folder: str | None = None
     attachments: Sequence[NewAttachment] = ()
     retry_in_s: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.status not in RESULT_STATUSES:
-            raise ValueError(
-                f"an action returns OK, SKIP, KO or QUEUED, not {self.status}; "
-                "raise TransientError for a failure that should be retried"
-            )
 
 
 def ok(message: str | None = None, **changes: Any) -> ActionResult:

@@ -32,7 +32,13 @@ from tenacity import (
 
 from contracts import FINAL_STATUSES, Attachment, Event, Fault, Intent, Next, Status, Step, Workflow
 from contracts.timestamps import utc_now
-from worker.actions.base import ActionResult, ActionSpec, Services, StepContext
+from worker.actions.base import (
+    RESULT_STATUSES,
+    ActionResult,
+    ActionSpec,
+    Services,
+    StepContext,
+)
 from worker.actions.registry import ActionRegistry
 from worker.engine.handle import EntryChanged, JobHandle
 from worker.engine.messages import JOB_COMPLETED, JOB_FAILED
@@ -309,7 +315,8 @@ class Runner:
             with attempt:
                 try:
                     async with asyncio.timeout(timeout):
-                        return await spec.run(ctx)
+                        result = await spec.run(ctx)
+                    return _checked(result, step)
                 except (TransientError, TimeoutError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
@@ -615,6 +622,19 @@ def _add_event(
         Event(index=len(intent.events), status=status, at=at, code=code, message=message)
     )
     intent.updated_at = at
+
+
+def _checked(result: object, step: Step) -> ActionResult:
+    """Return an action's result, or a KO when it returned something it may not."""
+    if isinstance(result, ActionResult) and result.status in RESULT_STATUSES:
+        return result
+    got = result.status if isinstance(result, ActionResult) else type(result).__name__
+    return ActionResult(
+        Status.KO,
+        "invalid-result",
+        f"action {step.action} returned {got}; actions return an ActionResult with status "
+        "OK, SKIP, KO or QUEUED, and raise TransientError to be retried",
+    )
 
 
 def _merge_attachments(current: list[Attachment], new: list[Attachment]) -> list[Attachment]:
