@@ -18,7 +18,8 @@ def as_utc(value: datetime) -> datetime:
 def format_timestamp(value: datetime) -> str:
     """Render ``value`` as ``2026-01-31T12:00:00.123Z``."""
     utc = as_utc(value)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    # isoformat is several times faster than strftime; the offset it adds is +00:00.
+    return utc.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def utc_now() -> datetime:

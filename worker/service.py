@@ -117,7 +117,7 @@ class Worker:
             },
         )
         self._connection = connection
-        connection.close_callbacks.add(_on_connection_closed)
+        connection.close_callbacks.add(self._on_connection_closed)
         connection.reconnect_callbacks.add(_on_reconnected)
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         declared = await declare(publish_channel, Topology.from_settings(self.settings))
@@ -143,6 +143,12 @@ class Worker:
         consumer = Consumer(queue, engine)
         await consumer.start()
         return engine, consumer
+
+    def _on_connection_closed(self, _: Any, exc: BaseException | None) -> None:
+        if self.state is not WorkerState.RUNNING:
+            log.debug("amqp.connection_closed")
+        elif exc is not None:
+            log.warning("amqp.connection_lost", error=repr(exc))
 
     async def _shutdown(self, consumer: Consumer | None, tasks: list[asyncio.Task[Any]]) -> None:
         """Stop in order: consuming, new work, running jobs, background loops, connections."""
@@ -174,9 +180,6 @@ class Worker:
         log.info("worker.stopped", jobs_cancelled=cancelled)
 
 
-def _on_connection_closed(_: Any, exc: BaseException | None) -> None:
-    if exc is not None:
-        log.warning("amqp.connection_lost", error=repr(exc))
 
 
 def _on_reconnected(_: Any) -> None:

@@ -7,7 +7,10 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from worker.gobl import c14n
 from worker.gobl.c14n import MAX_DEPTH, canonical_json, digest
 
 
@@ -127,3 +130,26 @@ def test_digest_lowercase_hex() -> None:
     value = digest({"a": 1})
     assert value == hashlib.sha256(b'{"a":1}').hexdigest()
     assert value == value.lower()
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(json_values)
+def test_fast_path_matches_full_encoder(value: object) -> None:
+    parts: list[str] = []
+    try:
+        c14n._write(value, parts, 0)
+    except ValueError:
+        return
+    assert canonical_json(value) == "".join(parts).encode("utf-8")

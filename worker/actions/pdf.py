@@ -6,9 +6,11 @@ orders and deliveries share the fields the layout uses (parties, lines, totals),
 three render. Documents without ``totals`` (payments, statuses, parties) get KO
 ``unsupported-document``.
 
-Labels exist in English and Spanish; any other locale gets the English labels. Text is
-set in DejaVu Sans, which covers Latin, Greek and Cyrillic. Each font file is parsed
-once per process.
+Labels exist in English and Spanish, and any other locale gets the English labels.
+Text is set in DejaVu Sans, which covers Latin, Greek and Cyrillic. The step's
+``font_file`` replaces it. Without either font, the core Helvetica font prints
+Windows-1252 characters only. Each font file is read and parsed once per process, but
+every document still subsets its own copy of the font, which is most of the render time.
 
 Two renders of the same envelope, with the same locale, font and fpdf2 version, give
 byte-identical files: the creation date is the document's issue date (midnight UTC) and
@@ -48,7 +50,7 @@ log = structlog.get_logger("worker.actions.pdf")
 
 #: Regular face used when the step sets no ``font_file`` (Debian's fonts-dejavu-core path).
 DEFAULT_FONT_FILE = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
-#: Bold face next to it; without it, bold text uses the regular face.
+#: Bold face next to it. When it is missing, bold text uses the regular face.
 DEFAULT_BOLD_FONT_FILE = DEFAULT_FONT_FILE.with_name("DejaVuSans-Bold.ttf")
 
 #: Creation date of documents whose issue date is missing or invalid, so output stays stable.
@@ -190,8 +192,8 @@ class PdfConfig(BaseModel):
         Field(
             max_length=35,
             pattern=r"^[A-Za-z]{2,3}([-_][A-Za-z0-9]{1,8})*$",
-            description="Language of the labels, such as en, es or es-ES; "
-            "languages other than English and Spanish get English labels",
+            description="Language of the labels, such as en, es or es-ES. "
+            "Languages other than English and Spanish get English labels",
         ),
     ] = None
     font_file: Annotated[
@@ -199,7 +201,7 @@ class PdfConfig(BaseModel):
         Field(
             max_length=500,
             description="Absolute path of a .ttf or .otf file on the worker, used for all "
-            f"text (bold too); default {DEFAULT_FONT_FILE} and its bold face",
+            f"text including bold. Default: {DEFAULT_FONT_FILE} and its bold face",
         ),
     ] = None
 
@@ -304,8 +306,8 @@ class _ParsedFont:
         # NOTE: this sets attributes of fpdf2 2.8's TTFFont. The test that compares a
         # render with one that uses pdf.add_font catches a change in a later fpdf2.
         # fpdf2 subsets ``ttfont`` in place when it writes the file and stores object
-        # ids on ``desc``, so each document gets its own of those, and of the per-document
-        # glyph records. The cmap is only read, so the copies share it.
+        # ids on ``desc``, so each document gets its own of those and its own glyph
+        # records. The cmap is only read, so the copies share it.
         font = copy.copy(self.template)
         font.i = len(pdf.fonts) + 1
         font.ttfont = ttLib.TTFont(BytesIO(self.data), recalcTimestamp=False, lazy=True)
@@ -345,7 +347,7 @@ def _parse_font(path: Path, style: str) -> _ParsedFont:
     # because fpdf2 leaves the file open when its parse fails.
     fresh = ttLib.TTFont(BytesIO(data), lazy=True)
     # fpdf2 draws a .notdef glyph into fonts that lack one, and color fonts keep a link
-    # to the FPDF that loaded them; a copy from the file bytes would miss either.
+    # to the FPDF that loaded them. A copy made from the file bytes would miss either.
     lacks_notdef = "glyf" in fresh and ".notdef" not in fresh["glyf"]
     scratch = FPDF()
     scratch.add_font(_FAMILY, style, path)
@@ -376,8 +378,9 @@ def _load_fonts(regular: Path, bold: Path) -> _FontSet:
                 fonts = _FontSet(_parse_font(regular, ""), _parse_font(bold, "B"))
             except (OSError, ValueError, ttLib.TTLibError) as exc:
                 raise FontUnavailable(
-                    f"font file {regular} cannot be used ({exc}); give a TrueType or "
-                    "OpenType file in font_file, or remove it to use the default font"
+                    f"font file {regular} or {bold} is not a valid font ({exc}). Give a "
+                    "TrueType or OpenType file in font_file, or remove font_file to use the "
+                    "default font"
                 ) from exc
             _font_sets[(regular, bold)] = fonts
         return fonts
@@ -389,7 +392,7 @@ def _warn_default_font_missing() -> None:
         "pdf.font_missing",
         path=str(DEFAULT_FONT_FILE),
         fallback="Helvetica",
-        detail="characters outside Windows-1252 print as ?; install fonts-dejavu-core",
+        detail="characters outside Windows-1252 print as ?. Install fonts-dejavu-core",
     )
 
 
@@ -399,7 +402,7 @@ def _resolve_fonts(font_file: str | None) -> _FontSet | None:
         path = Path(font_file)
         if not path.is_file():
             raise FontUnavailable(
-                f"font file {font_file} does not exist on this worker; install it there "
+                f"font file {font_file} not found on this worker. Install it there, "
                 "or remove font_file from the step config to use the default font"
             )
         return _load_fonts(path, path)
@@ -447,7 +450,7 @@ class _Layout:
         if self.unicode:
             return text
         # NOTE: without a TrueType font, text is set in the core Helvetica font, which
-        # only has Windows-1252 characters; any other character (Greek, Polish ł, …)
+        # only has Windows-1252 characters. Any other character (Greek, Polish ł, …)
         # prints as "?".
         return text.encode("windows-1252", "replace").decode("windows-1252")
 
@@ -470,7 +473,7 @@ class _Layout:
         self.pdf.cell(0, _LINE_MM + 1, self.text(label), new_x="LMARGIN", new_y="NEXT")
 
     def field(self, label: str, value: str) -> None:
-        """Print one "label value" row; a missing value prints nothing."""
+        """Print one "label value" row, or nothing when the value is empty."""
         if not value:
             return
         pdf = self.pdf
@@ -478,6 +481,13 @@ class _Layout:
         pdf.cell(_LABEL_MM, _LINE_MM, self.text(label))
         pdf.set_font(style="", size=_BODY_PT)
         pdf.multi_cell(0, _LINE_MM, self.text(value), new_x="LMARGIN", new_y="NEXT")
+
+    def paragraph(self, text: str) -> None:
+        """Print ``text`` across the page width, or nothing when it is empty."""
+        if not text:
+            return
+        self.pdf.set_font(style="", size=_BODY_PT)
+        self.pdf.multi_cell(0, _LINE_MM, self.text(text), new_x="LMARGIN", new_y="NEXT")
 
     # Sections
 
@@ -496,11 +506,8 @@ class _Layout:
             for rate in _dicts(doc.get("exchange_rates"))
         ]
         self.field(labels["exchange_rates"], "; ".join(rates))
-        preceding = [
-            _join([full_code(item), f"({_text(item.get('issue_date'))})", item.get("reason")])
-            for item in _dicts(doc.get("preceding"))
-        ]
-        self.field(labels["preceding"], "; ".join(preceding).replace("()", "").strip())
+        preceding = [_preceding_text(item) for item in _dicts(doc.get("preceding"))]
+        self.field(labels["preceding"], "; ".join(preceding))
         ordering = _dict(doc.get("ordering"))
         self.field(labels["order_reference"], _text(ordering.get("code")))
         period = _dict(ordering.get("period"))
@@ -518,7 +525,7 @@ class _Layout:
         pdf.set_xy(pdf.l_margin, bottom)
 
     def party(self, role: str, x: float, width: float) -> float:
-        """Print the supplier or customer block at ``x``; return the y below it."""
+        """Print the supplier or customer block at ``x`` and return the y below it."""
         pdf = self.pdf
         party = _dict(self.doc.get(role))
         pdf.set_x(x)
@@ -655,34 +662,22 @@ class _Layout:
 
     def payment(self) -> None:
         payment = _dict(self.doc.get("payment"))
-        terms = _dict(payment.get("terms"))
         labels = self.labels
+        terms = _dict(payment.get("terms"))
         if terms:
             self.heading(labels["payment_terms"])
-            dues = [
-                _join(
-                    [
-                        due.get("date"),
-                        due.get("amount"),
-                        due.get("percent") and f"({due['percent']})",
-                    ]
-                )
-                for due in _dicts(terms.get("due_dates"))
-            ]
-            self.field(
-                labels["payment_terms"], _join([terms.get("key"), terms.get("detail")], ": ")
-            )
+            self.paragraph(_join([terms.get("key"), terms.get("detail")], ": "))
+            dues = [_due_date_text(due) for due in _dicts(terms.get("due_dates"))]
             self.field(labels["due_dates"], "\n".join(dues))
-            self.field(labels["notes"], _text(terms.get("notes")))
+            self.paragraph(_text(terms.get("notes")))
         instructions = _dict(payment.get("instructions"))
         if instructions:
             self.heading(labels["payment_instructions"])
-            lines = [_join([instructions.get("key"), instructions.get("detail")], ": ")]
+            self.paragraph(_join([instructions.get("key"), instructions.get("detail")], ": "))
             for account in _dicts(instructions.get("credit_transfer")):
-                lines.append(_join(_account_parts(account), ", "))
-            self.field(labels["payment_instructions"], "\n".join(line for line in lines if line))
+                self.paragraph(_join(_account_parts(account), ", "))
             self.field(labels["reference"], _text(instructions.get("ref")))
-            self.field(labels["notes"], _text(instructions.get("notes")))
+            self.paragraph(_text(instructions.get("notes")))
 
     def notes(self) -> None:
         notes = [_text(note.get("text")) for note in _dicts(self.doc.get("notes"))]
@@ -690,12 +685,11 @@ class _Layout:
         if not notes:
             return
         self.heading(self.labels["notes"])
-        self.pdf.set_font(style="", size=_BODY_PT)
         for note in notes:
-            self.pdf.multi_cell(0, _LINE_MM, self.text(note), new_x="LMARGIN", new_y="NEXT")
+            self.paragraph(note)
 
 
-#: Totals rows in GOBL's order of calculation; each prints only when present.
+#: Totals rows in GOBL's order of calculation. Each row prints only when present.
 _TOTAL_KEYS = (
     "sum",
     "discount",
@@ -722,7 +716,7 @@ def _party_lines(party: Mapping[str, Any], labels: Mapping[str, str]) -> list[st
         unit = _join([address.get("block"), address.get("floor"), address.get("door")])
         lines.append(_join([street, unit], ", "))
         lines.append(_text(address.get("street_extra")))
-        lines.append(_join([address.get("po_box")]))
+        lines.append(_text(address.get("po_box")))
         lines.append(_join([address.get("code"), address.get("locality")]))
         lines.append(_join([address.get("region"), address.get("country")], ", "))
     lines.extend(_text(email.get("addr")) for email in _dicts(party.get("emails")))
@@ -749,6 +743,16 @@ def _tax_combo_text(combo: Mapping[str, Any], labels: Mapping[str, str]) -> str:
     return f"{text} + {labels['surcharge'].lower()} {surcharge}" if surcharge else text
 
 
+def _preceding_text(preceding: Mapping[str, Any]) -> str:
+    issued = _text(preceding.get("issue_date"))
+    return _join([full_code(preceding), issued and f"({issued})", preceding.get("reason")])
+
+
+def _due_date_text(due: Mapping[str, Any]) -> str:
+    percent = _text(due.get("percent"))
+    return _join([due.get("date"), due.get("amount"), percent and f"({percent})"])
+
+
 def _account_parts(account: Mapping[str, Any]) -> list[str]:
     iban = _text(account.get("iban"))
     bic = _text(account.get("bic"))
@@ -767,7 +771,7 @@ def render_invoice(
     """Render the envelope's document to PDF bytes.
 
     ``locale`` picks the labels (English for languages without labels). ``font_file``
-    replaces DejaVu Sans; without either font the core Helvetica font is used.
+    replaces DejaVu Sans. Without either font, the core Helvetica font is used.
 
     Raises:
         UnsupportedDocument: the document has no ``totals`` (payments, statuses, parties).
@@ -790,6 +794,9 @@ def render_invoice(
         pdf.core_fonts_encoding = "windows-1252"
         pdf.set_font("Helvetica", size=_BODY_PT)
     else:
+        # NOTE: text shaping is off, so Arabic, Hebrew and Indic scripts print with
+        # unjoined letters, left to right. DejaVu Sans has no CJK glyphs either: fpdf2
+        # leaves such characters out and logs a warning that names them.
         fonts.regular.add_to(pdf)
         fonts.bold.add_to(pdf)
         pdf.set_font(_FAMILY, size=_BODY_PT)
@@ -835,7 +842,7 @@ async def render_pdf(ctx: StepContext[PdfConfig]) -> ActionResult:
     name = f"{_file_stem(code or ctx.entry_id or 'document')}.pdf"
     message = f"rendered {name} ({len(data)} bytes)"
     if not has_labels(locale):
-        message += f"; no labels for locale {locale}, used English"
+        message += f" with English labels, because locale {locale} has none"
     title = _join([document_title(doc, labels_for(locale)), code])
     attachment = NewAttachment(
         key="pdf",

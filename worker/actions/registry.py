@@ -69,9 +69,9 @@ class ActionRegistry:
 
 def builtin_actions() -> list[ActionSpec]:
     """Return the actions that ship with the worker."""
-    from worker.actions import sequence, silo, webhook
+    from worker.actions import pdf, sequence, silo, webhook
 
-    return [*silo.ACTIONS, *sequence.ACTIONS, *webhook.ACTIONS]
+    return [*silo.ACTIONS, *sequence.ACTIONS, *webhook.ACTIONS, *pdf.ACTIONS]
 
 
 def plugin_actions() -> list[ActionSpec]:

@@ -25,12 +25,14 @@ class EntryChanged(TransientError):
 class JobHandle:
     """The latest stored version of a job and the way to change it.
 
-    A write applies a mutation to a copy of the latest version and stores it with
-    compare-and-set on ``rev``. When another writer got there first, the mutation is
-    applied again to the fresh version, so mutations must be deltas ("append this
-    intent", "mark this reply sent") rather than whole-record snapshots. A handle made
-    with a ``fence`` belongs to the runner of that claim and raises ``FencedOut`` as
-    soon as a newer claim exists. Writes through one handle are serialised.
+    A write applies a mutation to the latest version in place and stores it with
+    compare-and-set on ``rev``. When another writer got there first, the record is
+    read again and the mutation applied to the fresh version, so mutations must be
+    deltas ("append this intent", "mark this reply sent") rather than whole-record
+    snapshots. A handle made with a ``fence`` belongs to the runner of that claim and
+    raises ``FencedOut`` as soon as a newer claim exists. Writes through one handle
+    are serialised. Mutating in place, rather than a copy, keeps a write cheap: a
+    failed write marks the record stale, and the next write reads it again first.
     """
 
     def __init__(self, store: Store, record: JobRecord, *, fence: int | None = None) -> None:
@@ -38,6 +40,7 @@ class JobHandle:
         self.record = record
         self.fence = fence
         self._lock = asyncio.Lock()
+        self._stale = False
 
     @property
     def job_id(self) -> str:
@@ -52,24 +55,37 @@ class JobHandle:
     ) -> JobRecord:
         """Apply ``mutate`` and store the result; return the stored record."""
         async with self._lock:
-            base = self.record
+            if self._stale:
+                await self._reload_stale()
+            record = self.record
             for _ in range(MAX_WRITE_ATTEMPTS):
-                candidate = base.model_copy(deep=True)
-                mutate(candidate)
-                candidate.rev = base.rev + 1
+                expected = record.rev
+                self._stale = True
+                mutate(record)
+                record.rev = expected + 1
                 stored = await self.store.replace_job(
-                    candidate,
-                    expected_rev=base.rev,
+                    record,
+                    expected_rev=expected,
                     entry=entry,
                     expected_entry_rev=expected_entry_rev,
                 )
                 if stored:
-                    self.record = candidate
-                    return candidate
-                base = await self._reload(base, entry_given=entry is not None)
+                    self._stale = False
+                    return record
+                record.rev = expected
+                record = await self._reload(record, entry_given=entry is not None)
+                self.record = record
             raise StoreUnavailable(
-                f"job {base.id}: gave up after {MAX_WRITE_ATTEMPTS} conflicting writes"
+                f"job {record.id}: gave up after {MAX_WRITE_ATTEMPTS} conflicting writes"
             )
+
+    async def _reload_stale(self) -> None:
+        fresh = await self.store.get_job(self.record.id)
+        if fresh is None:
+            raise StoreUnavailable(f"job {self.record.id} disappeared from the store")
+        self._check_fence(fresh)
+        self.record = fresh
+        self._stale = False
 
     async def refresh(self) -> JobRecord:
         """Read the latest stored version."""
@@ -88,6 +104,8 @@ class JobHandle:
         self._check_fence(fresh)
         if entry_given and fresh.rev == base.rev:
             # The job did not move, so the entry's compare-and-set is what missed.
+            self.record = fresh
+            self._stale = False
             raise EntryChanged(f"silo entry {base.silo_entry_id} changed during the step")
         return fresh
 
@@ -105,11 +123,14 @@ async def claim(store: Store, record: JobRecord, *, owner: str, lease_s: float) 
     now = utc_now()
     if record.completed_at is not None or (record.due_at is not None and record.due_at > now):
         return None
-    candidate = record.model_copy(deep=True)
-    candidate.fence = record.fence + 1
-    candidate.owner = owner
-    candidate.due_at = now + timedelta(seconds=lease_s)
-    candidate.rev = record.rev + 1
+    candidate = record.model_copy(
+        update={
+            "fence": record.fence + 1,
+            "owner": owner,
+            "due_at": now + timedelta(seconds=lease_s),
+            "rev": record.rev + 1,
+        }
+    )
     if not await store.replace_job(candidate, expected_rev=record.rev):
         return None
     return JobHandle(store, candidate, fence=candidate.fence)

@@ -19,6 +19,7 @@ or an exponent becomes ``float``.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from decimal import Decimal
@@ -55,9 +56,57 @@ def canonical_json(value: object) -> bytes:
             ``MAX_DEPTH``.
         TypeError: a value or an object key has an unsupported type.
     """
-    parts: list[str] = []
-    _write(value, parts, 0)
-    return "".join(parts).encode("utf-8")
+    try:
+        simple = _plain(value, 0)
+    except _NotPlain:
+        parts: list[str] = []
+        _write(value, parts, 0)
+        return "".join(parts).encode("utf-8")
+    # For plain values (no floats, no integers beyond 64 bits, no control characters
+    # but the five with short escapes) the standard library's C encoder writes exactly
+    # the canonical form, several times faster than the encoder below.
+    return json.dumps(
+        simple, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
+    ).encode("utf-8")
+
+
+class _NotPlain(Exception):
+    """The value needs the full encoder."""
+
+
+#: Nesting beyond this takes the full encoder: the C encoder spends more than one
+#: recursion level per nesting level and would hit Python's limit before MAX_DEPTH.
+_PLAIN_MAX_DEPTH = 64
+
+#: Control characters that ``json.dumps`` escapes differently (lowercase hex).
+_OTHER_CONTROLS = re.compile(r"[\x00-\x07\x0b\x0e-\x1f\ud800-\udfff]")
+
+
+def _plain(value: object, depth: int) -> object:
+    """Return ``value`` with null members dropped, or raise _NotPlain."""
+    if isinstance(value, str):
+        if _OTHER_CONTROLS.search(value):
+            raise _NotPlain
+        return value
+    if isinstance(value, dict):
+        if depth >= _PLAIN_MAX_DEPTH:
+            raise _NotPlain
+        result = {}
+        for key, member in value.items():
+            if not isinstance(key, str) or _OTHER_CONTROLS.search(key):
+                raise _NotPlain
+            if member is not None:
+                result[key] = _plain(member, depth + 1)
+        return result
+    if isinstance(value, list | tuple):
+        if depth >= _PLAIN_MAX_DEPTH:
+            raise _NotPlain
+        return [_plain(item, depth + 1) for item in value]
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    raise _NotPlain
 
 
 def digest(value: object) -> str:

@@ -10,7 +10,6 @@ Fault paths start with ``data`` because the envelope arrives in a command's ``da
 
 from __future__ import annotations
 
-import copy
 import re
 from typing import Any
 
@@ -55,7 +54,8 @@ def normalise_envelope(data: dict[str, Any]) -> dict[str, Any]:
 
     A bare document gets a new envelope with a UUID v7 ``head.uuid`` and its digest.
     An envelope without ``head`` gets one. An unsigned envelope whose digest is
-    missing or wrong gets it recomputed.
+    missing or wrong gets it recomputed. ``data`` is not modified, but the result
+    shares its document with ``data``, so neither may be changed in place afterwards.
 
     Raises:
         DigestMismatch: the envelope is signed and ``head.dig`` is not the digest of ``doc``.
@@ -131,7 +131,11 @@ def replace_document(envelope: dict[str, Any], doc: dict[str, Any]) -> dict[str,
 
 
 def _normalise_existing(data: dict[str, Any]) -> dict[str, Any]:
-    envelope = copy.deepcopy(data)
+    # Only the top level and the head may change, so only they are copied; the new
+    # envelope shares the document (and the signatures) with ``data``.
+    envelope = dict(data)
+    if isinstance(envelope.get("head"), dict):
+        envelope["head"] = dict(envelope["head"])
     doc = _check_document(envelope.get("doc"))
     _check_sigs(envelope.get("sigs"))
     computed = _digest_document(doc)
@@ -165,11 +169,11 @@ def _normalise_existing(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wrap_document(data: dict[str, Any]) -> dict[str, Any]:
-    doc = copy.deepcopy(data)
+    # The envelope holds ``data`` itself as its document: no copy is made.
     return {
         "$schema": ENVELOPE_SCHEMA,
-        "head": _new_head(_digest_document(doc)),
-        "doc": doc,
+        "head": _new_head(_digest_document(data)),
+        "doc": data,
     }
 
 

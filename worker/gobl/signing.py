@@ -206,17 +206,24 @@ def load_or_create_key(configured: Path | None, data_dir: Path) -> tuple[Signing
     return key, True
 
 
-def sign_envelope(envelope: dict[str, Any], key: SigningKey) -> dict[str, Any]:
+def sign_envelope(
+    envelope: dict[str, Any], key: SigningKey, *, digest_checked: bool = False
+) -> dict[str, Any]:
     """Sign the envelope with ES256 and return a copy with the new JWS appended to ``sigs``.
 
     The envelope goes through ``normalise_envelope`` first, so an unsigned envelope gets
-    its head completed and its digest corrected before it is signed.
+    its head completed and its digest corrected before it is signed. A caller that
+    holds an envelope it normalised before (a stored silo entry) passes
+    ``digest_checked=True`` to skip recomputing the digest.
 
     Raises:
         DigestMismatch: the envelope is already signed and its digest is wrong.
         Unprocessable: the data is not a GOBL envelope or document.
     """
-    signed = normalise_envelope(envelope)
+    if digest_checked:
+        signed = {**envelope, "head": dict(envelope["head"])}
+    else:
+        signed = normalise_envelope(envelope)
     head = signed["head"]
     header = canonical_json({"alg": ALGORITHM, "kid": key.kid})
     payload = canonical_json({"uuid": head["uuid"], "dig": head["dig"]})
