@@ -82,6 +82,7 @@ def fast_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "retry_steady_s": 0.3,
         "retry_total_s": 5.0,
         "sqlite_synchronous": "normal",
+        "workflow_cache_s": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

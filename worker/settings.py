@@ -76,6 +76,12 @@ class Settings(BaseSettings):
         description="Comma-separated hosts (or host:port) the webhook action may call; "
         "empty allows none",
     )
+    workflow_cache_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="How long the current version of a workflow is cached; a job created "
+        "this soon after a put may still run the version before",
+    )
     key_ttl_days: int = Field(
         default=730, ge=1, description="How long a job key stays taken (2 years)"
     )

@@ -48,7 +48,7 @@ from worker.errors import (
     TransientError,
     Unprocessable,
 )
-from worker.models import JobRecord, WorkflowRecord
+from worker.models import EntryRecord, JobRecord, WorkflowRecord
 from worker.settings import Settings
 from worker.store.base import Store
 
@@ -167,7 +167,7 @@ class Engine:
             if isinstance(result, Duplicate):
                 await self._answer_duplicate(result, command, delivery)
                 return Settlement.ACK
-            self._start(result.handle, result.workflow.workflow, accepted=True)
+            self._start(result.handle, result.workflow.workflow, accepted=True, entry=result.entry)
             started = True
             return Settlement.ACK
         finally:
@@ -317,15 +317,29 @@ class Engine:
 
     # Running jobs
 
-    def _start(self, handle: JobHandle, workflow: Workflow, *, accepted: bool) -> None:
+    def _start(
+        self,
+        handle: JobHandle,
+        workflow: Workflow,
+        *,
+        accepted: bool,
+        entry: EntryRecord | None = None,
+    ) -> None:
         """Run a job this worker owns in a task; the caller already took a capacity slot."""
-        task = asyncio.create_task(self._run(handle, workflow, accepted=accepted))
+        task = asyncio.create_task(self._run(handle, workflow, accepted=accepted, entry=entry))
         self.running[handle.job_id] = (handle, task)
         for item in handle.record.outbox:
             if item.kind == "reply" and item.state == "pending" and item.deadline is not None:
                 self._schedule_deadline(handle.job_id, item.id, item.deadline.timestamp())
 
-    async def _run(self, handle: JobHandle, workflow: Workflow, *, accepted: bool) -> None:
+    async def _run(
+        self,
+        handle: JobHandle,
+        workflow: Workflow,
+        *,
+        accepted: bool,
+        entry: EntryRecord | None = None,
+    ) -> None:
         job = handle.record
         with bound_contextvars(
             job_id=job.id, workspace_id=job.workspace_id, workflow_id=job.workflow_id
@@ -336,7 +350,7 @@ class Engine:
                     await self.outbox.deliver(handle, sending)
                 else:
                     log.info("job.resumed", fence=handle.fence, intents=len(job.intents))
-                await self.runner.run(handle, workflow)
+                await self.runner.run(handle, workflow, entry=entry)
             except FencedOut:
                 log.warning("job.fenced", fence=handle.fence)
             except StoreUnavailable as exc:

@@ -9,6 +9,7 @@ than ``key_ttl_days`` is a conflict naming that job. ``silo_entry_id`` must exis
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,6 +27,7 @@ from worker.engine.messages import JOB_ACCEPTED, Delivery
 from worker.engine.outbox import new_event, new_reply
 from worker.errors import (
     Conflict,
+    RejectedError,
     FaultDetail,
     InvalidCommand,
     InvalidJson,
@@ -51,6 +53,8 @@ class Accepted:
 
     handle: JobHandle
     workflow: WorkflowRecord
+    #: The job's silo entry as stored, so that the runner need not read it again.
+    entry: EntryRecord | None
 
 
 @dataclass(frozen=True)
@@ -143,29 +147,38 @@ class Intake:
         self.store = store
         self.settings = settings
         self.owner = owner
+        self._workflows: dict[tuple[str, str], tuple[WorkflowRecord, float]] = {}
 
     async def create(self, command: CreateJob, delivery: Delivery) -> Accepted | Duplicate:
-        """Store a new job or recognise a duplicate; raise RejectedError otherwise."""
-        workflow = await self._published_workflow(command)
+        """Store a new job or recognise a duplicate; raise RejectedError otherwise.
+
+        A job id is not looked up first: the insert finds out whether it is taken.
+        """
         request_hash = fingerprint(command)
         job_id = command.id or _id_from_message(delivery.message_id)
+        try:
+            workflow = await self._published_workflow(command)
+        except RejectedError:
+            # The workflow may have changed since the job was accepted; a duplicate
+            # still gets its job rather than a rejection.
+            existing = await self.store.get_job(job_id) if job_id else None
+            if existing is None:
+                raise
+            return self._duplicate(existing, command, request_hash, delivery)
 
-        if job_id is not None:
-            existing = await self.store.get_job(job_id)
-            if existing is not None:
-                return self._duplicate(existing, command, request_hash, delivery)
-        elif command.key is not None:
+        if job_id is None and command.key is not None:
             holder = await self.store.get_job_by_key(command.workspace_id, command.key)
             if holder is not None and holder.fingerprint == request_hash and self._key_live(holder):
                 return self._duplicate(holder, command, request_hash, delivery)
 
-        entry, entry_id = await self._input(command)
+        entry, new_entry = await self._input(command)
         for _ in range(2):
+            entry_id = entry.id if entry is not None else None
             record = self._record(command, job_id, workflow, entry_id, request_hash, delivery)
             result = await self.store.insert_job(
                 record,
                 key_taken_since=utc_now() - timedelta(days=self.settings.key_ttl_days),
-                entry=entry,
+                entry=entry if new_entry else None,
             )
             if result.status is InsertStatus.CREATED:
                 log.info(
@@ -176,7 +189,8 @@ class Intake:
                     workflow_version=record.workflow_version,
                     silo_entry_id=record.silo_entry_id,
                 )
-                return Accepted(JobHandle(self.store, record, fence=record.fence), workflow)
+                handle = JobHandle(self.store, record, fence=record.fence)
+                return Accepted(handle, workflow, entry)
             if result.status is InsertStatus.ID_TAKEN:
                 assert result.existing is not None
                 return self._duplicate(result.existing, command, request_hash, delivery)
@@ -184,7 +198,7 @@ class Intake:
                 assert result.existing is not None
                 return self._key_taken(result.existing, command, request_hash, delivery)
             # ENTRY_TAKEN: a fresh v7 id collided, which only a broken clock makes likely.
-            entry, entry_id = await self._input(command)
+            entry, new_entry = await self._input(command)
         raise Conflict(f"could not store a new silo entry for job {job_id}; send the command again")
 
     async def get(self, query: GetJob) -> Job:
@@ -203,7 +217,7 @@ class Intake:
     # Rules
 
     async def _published_workflow(self, command: CreateJob) -> WorkflowRecord:
-        record = await self.store.get_workflow(command.workspace_id, command.workflow_id)
+        record = await self._current_workflow(command.workspace_id, command.workflow_id)
         if record is None:
             raise NotFound(
                 f"workflow {command.workflow_id} not found in workspace {command.workspace_id}; "
@@ -215,6 +229,18 @@ class Intake:
                 f"workflow {command.workflow_id} is a draft; publish it (draft: false) first",
                 faults=[FaultDetail("workflow-draft", "draft workflow", ("workflow_id",))],
             )
+        return record
+
+    async def _current_workflow(self, workspace_id: str, workflow_id: str) -> WorkflowRecord | None:
+        """Return the current version, cached for ``workflow_cache_s``."""
+        key = (workspace_id, workflow_id)
+        now = time.monotonic()
+        cached = self._workflows.get(key)
+        if cached is not None and now - cached[1] < self.settings.workflow_cache_s:
+            return cached[0]
+        record = await self.store.get_workflow(workspace_id, workflow_id)
+        if record is not None:
+            self._workflows[key] = (record, now)
         return record
 
     def _duplicate(
@@ -256,8 +282,8 @@ class Intake:
     def _key_live(self, holder: JobRecord) -> bool:
         return holder.created_at >= utc_now() - timedelta(days=self.settings.key_ttl_days)
 
-    async def _input(self, command: CreateJob) -> tuple[EntryRecord | None, str | None]:
-        """Return the entry to insert with the job (if any) and the job's entry id."""
+    async def _input(self, command: CreateJob) -> tuple[EntryRecord | None, bool]:
+        """Return the job's entry (None for meta alone) and whether it is new."""
         if command.silo_entry_id is not None:
             existing = await self.store.get_entry(command.workspace_id, command.silo_entry_id)
             if existing is None:
@@ -266,9 +292,9 @@ class Intake:
                     f"{command.workspace_id}",
                     faults=[FaultDetail("entry-not-found", "unknown entry", ("silo_entry_id",))],
                 )
-            return None, existing.id
+            return existing, False
         if command.data is None:
-            return None, None
+            return None, False
         # Every job with data gets a new entry of its own: envelopes in the wild share
         # head.uuid values (copied examples, resubmissions), so it cannot be the key.
         envelope = normalise_envelope(command.data)
@@ -281,7 +307,7 @@ class Intake:
             created_at=now,
             updated_at=now,
         )
-        return entry, entry_id
+        return entry, True
 
     def _record(
         self,

@@ -143,11 +143,15 @@ class Runner:
         self.outbox = outbox
         self.settings = settings
 
-    async def run(self, handle: JobHandle, workflow: Workflow) -> Flow:
-        """Run or resume the job until it completes or waits for a retry."""
+    async def run(
+        self, handle: JobHandle, workflow: Workflow, *, entry: EntryRecord | None = None
+    ) -> Flow:
+        """Run or resume the job until it completes or waits for a retry.
+
+        ``entry`` is the job's silo entry when the caller has it; otherwise it is read.
+        """
         job = handle.record
-        entry = None
-        if job.silo_entry_id is not None:
+        if entry is None and job.silo_entry_id is not None:
             entry = await self.store.get_entry(job.workspace_id, job.silo_entry_id)
         state = RunState(handle, workflow, entry)
         flow = await self._run_steps(workflow.steps, state, rescue=False)
