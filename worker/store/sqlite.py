@@ -1,10 +1,11 @@
 """The embedded store: one SQLite file, for one machine, development, the demo and CI.
 
-All database calls run on one dedicated thread that owns the connection, so the event
-loop never blocks on disk. Writes use ``BEGIN IMMEDIATE`` so that several worker
-processes sharing the file serialise on SQLite's write lock instead of failing on a
-lock upgrade. The file is in WAL mode; ``synchronous=FULL`` (the default) makes every
-commit survive a power cut, ``normal`` survives a process crash only.
+Database calls run on two threads that own the connections (see ``sqlite_threads``),
+so the event loop never blocks on disk: writes are group-committed on one, reads run
+on the other. Writes use ``BEGIN IMMEDIATE`` so that several worker processes sharing
+the file serialise on SQLite's write lock instead of failing on a lock upgrade. The
+file is in WAL mode; ``synchronous=FULL`` (the default) makes every commit survive a
+power cut, ``normal`` survives a process crash only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import sqlite3
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -22,6 +22,7 @@ from contracts.timestamps import format_timestamp, utc_now
 from worker.errors import StoreUnavailable
 from worker.models import EntryRecord, JobRecord, WorkflowRecord
 from worker.store.base import InsertResult, InsertStatus, StoredFile
+from worker.store.sqlite_threads import ConnectionThread, connect
 
 T = TypeVar("T")
 
@@ -105,8 +106,8 @@ class SqliteStore:
     def __init__(self, path: Path, *, synchronous: Synchronous = "full") -> None:
         self.path = path
         self._synchronous = synchronous
-        self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None
+        self._writer: ConnectionThread | None = None
+        self._reader: ConnectionThread | None = None
 
     @classmethod
     def from_url(cls, url: str, *, synchronous: Synchronous = "full") -> SqliteStore:
@@ -115,63 +116,50 @@ class SqliteStore:
     # Plumbing
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._executor is None or self._conn is None:
-            raise RuntimeError("the SQLite store is not open; call open() first")
-        conn = self._conn
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, fn, conn)
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise
-            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        """Run a read on the reader connection."""
+        return await self._submit(self._reader, fn)
 
     async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def transaction(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+        """Run a write in the writer's next group commit; return once it is durable."""
+        return await self._submit(self._writer, fn)
 
-        return await self._run(transaction)
+    async def _submit(
+        self, thread: ConnectionThread | None, fn: Callable[[sqlite3.Connection], T]
+    ) -> T:
+        if thread is None:
+            raise RuntimeError("the SQLite store is not open; call open() first")
+        try:
+            result: T = await thread.submit(fn)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StoreUnavailable(f"SQLite {self.path}: {exc}") from exc
+        return result
 
     async def open(self) -> None:
-        if self._conn is not None:
+        if self._writer is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
 
-        def connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self._synchronous.upper()}")
-            conn.executescript(SCHEMA)
-            return conn
+        def connect_both() -> tuple[sqlite3.Connection, sqlite3.Connection]:
+            writer = connect(self.path, self._synchronous)
+            writer.executescript(SCHEMA)
+            return writer, connect(self.path, self._synchronous)
 
-        loop = asyncio.get_running_loop()
         try:
-            self._conn = await loop.run_in_executor(self._executor, connect)
+            writer, reader = await asyncio.to_thread(connect_both)
         except sqlite3.Error as exc:
-            self._executor.shutdown(wait=False)
-            self._executor = None
             raise StoreUnavailable(f"cannot open SQLite file {self.path}: {exc}") from exc
+        self._writer = ConnectionThread(writer, "sqlite-writer", group_commit=True)
+        self._reader = ConnectionThread(reader, "sqlite-reader", group_commit=False)
 
     async def close(self) -> None:
-        conn, executor = self._conn, self._executor
-        self._conn = None
-        self._executor = None
-        if conn is None or executor is None:
-            return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(executor, conn.close)
-        executor.shutdown(wait=True)
+        threads = [self._writer, self._reader]
+        self._writer = None
+        self._reader = None
+        for thread in threads:
+            if thread is not None:
+                await asyncio.to_thread(thread.close)
 
     async def ping(self) -> None:
         await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
