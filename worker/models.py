@@ -39,6 +39,10 @@ class OutboxItem(BaseModel):
     error: str | None = None
 
 
+#: The fields of a stored job that callers see.
+PUBLIC_FIELDS: set[str] = set(Job.model_fields)
+
+
 class JobRecord(Job):
     """A job as stored: the public fields plus ownership, fingerprint and outbox."""
 
@@ -57,7 +61,11 @@ class JobRecord(Job):
 
     def public(self) -> Job:
         """Return the job as callers see it."""
-        return Job.model_validate(self.model_dump(include=set(Job.model_fields)))
+        return Job.model_validate(self.model_dump(include=PUBLIC_FIELDS))
+
+    def public_json(self) -> bytes:
+        """Serialise the job as callers see it, without building a ``Job`` first."""
+        return self.model_dump_json(include=PUBLIC_FIELDS).encode()
 
     def refresh_outbox_due(self, retry_after_s: float) -> None:
         """Recompute ``outbox_due_at``: when the sweeper must look at this job's outbox.

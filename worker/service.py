@@ -18,7 +18,7 @@ from worker.amqp.consumer import Consumer
 from worker.amqp.publisher import AmqpPublisher
 from worker.amqp.topology import Topology, declare
 from worker.engine.core import Engine
-from worker.engine.runner import ServicesFactory
+from worker.engine.services import ServicesFactory
 from worker.keys import SigningKeyProvider
 from worker.settings import Settings
 from worker.store import Store, create_store
@@ -178,8 +178,6 @@ class Worker:
             await self._store.close()
         self.state = WorkerState.STOPPED
         log.info("worker.stopped", jobs_cancelled=cancelled)
-
-
 
 
 def _on_reconnected(_: Any) -> None:

@@ -133,6 +133,13 @@ class ActionSpec:
     run: ActionFunc
     config_model: type[BaseModel] = NoConfig
     description: str = ""
+    #: Running the action twice has the effect of running it once, so its result may
+    #: wait in memory for the job's next write. Actions with outside effects (a
+    #: webhook) leave this False: the job is written before and after them.
+    idempotent: bool = False
+    #: Give the action a private copy of the envelope. Only actions that never change
+    #: ``ctx.envelope`` in place may set this to False, which skips the copy.
+    copy_envelope: bool = True
 
     def parse_config(self, config: Mapping[str, Any]) -> BaseModel:
         """Validate a step's config; raises pydantic.ValidationError."""

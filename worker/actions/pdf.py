@@ -856,5 +856,12 @@ async def render_pdf(ctx: StepContext[PdfConfig]) -> ActionResult:
 
 
 ACTIONS = [
-    ActionSpec("pdf", render_pdf, PdfConfig, "Render the document to a PDF attachment"),
+    ActionSpec(
+        "pdf",
+        render_pdf,
+        PdfConfig,
+        "Render the document to a PDF attachment",
+        # A second render replaces the attachment with the same key.
+        idempotent=True,
+    ),
 ]

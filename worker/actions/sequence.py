@@ -53,5 +53,8 @@ ACTIONS = [
         enumerate_document,
         EnumerateConfig,
         "Number the document from a gap-free series",
+        # The number is tied to the entry, so a second run gets the same one back.
+        idempotent=True,
+        copy_envelope=False,
     ),
 ]

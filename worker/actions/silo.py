@@ -68,8 +68,31 @@ async def close(ctx: StepContext[CloseConfig]) -> ActionResult:
     return ok(f"signed with key {key.kid}", envelope=signed)
 
 
+# Each can run twice with the same effect (close skips a signed envelope), and none
+# changes the envelope it is given.
 ACTIONS = [
-    ActionSpec("silo.state", set_state, StateConfig, "Set the silo entry's state"),
-    ActionSpec("silo.folder", set_folder, FolderConfig, "Move the silo entry to a folder"),
-    ActionSpec("silo.close", close, CloseConfig, "Sign the envelope (ES256 JWS)"),
+    ActionSpec(
+        "silo.state",
+        set_state,
+        StateConfig,
+        "Set the silo entry's state",
+        idempotent=True,
+        copy_envelope=False,
+    ),
+    ActionSpec(
+        "silo.folder",
+        set_folder,
+        FolderConfig,
+        "Move the silo entry to a folder",
+        idempotent=True,
+        copy_envelope=False,
+    ),
+    ActionSpec(
+        "silo.close",
+        close,
+        CloseConfig,
+        "Sign the envelope (ES256 JWS)",
+        idempotent=True,
+        copy_envelope=False,
+    ),
 ]

@@ -39,7 +39,8 @@ from worker.engine.messages import (
     Publisher,
 )
 from worker.engine.outbox import Outbox, claim_completion, new_event, new_reply
-from worker.engine.runner import Runner, ServicesFactory
+from worker.engine.runner import Runner
+from worker.engine.services import ServicesFactory
 from worker.errors import (
     FencedOut,
     InvalidCommand,
@@ -347,7 +348,7 @@ class Engine:
             try:
                 if accepted:
                     sending = [item.id for item in job.outbox if item.state == "sending"]
-                    await self.outbox.deliver(handle, sending)
+                    await self.outbox.deliver(handle, sending, defer_mark=True)
                 else:
                     log.info("job.resumed", fence=handle.fence, intents=len(job.intents))
                 await self.runner.run(handle, workflow, entry=entry)

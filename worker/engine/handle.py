@@ -41,10 +41,19 @@ class JobHandle:
         self.fence = fence
         self._lock = asyncio.Lock()
         self._stale = False
+        self._deferred: list[Mutation] = []
 
     @property
     def job_id(self) -> str:
         return self.record.id
+
+    def defer(self, mutate: Mutation) -> None:
+        """Apply ``mutate`` with the next write instead of writing now.
+
+        Only for changes that may wait and may be applied twice, such as marking an
+        outbox item sent: if no write follows, they are lost.
+        """
+        self._deferred.append(mutate)
 
     async def write(
         self,
@@ -58,9 +67,12 @@ class JobHandle:
             if self._stale:
                 await self._reload_stale()
             record = self.record
+            deferred = list(self._deferred)
             for _ in range(MAX_WRITE_ATTEMPTS):
                 expected = record.rev
                 self._stale = True
+                for earlier in deferred:
+                    earlier(record)
                 mutate(record)
                 record.rev = expected + 1
                 stored = await self.store.replace_job(
@@ -71,6 +83,7 @@ class JobHandle:
                 )
                 if stored:
                     self._stale = False
+                    del self._deferred[: len(deferred)]
                     return record
                 record.rev = expected
                 record = await self._reload(record, entry_given=entry is not None)

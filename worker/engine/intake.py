@@ -27,11 +27,11 @@ from worker.engine.messages import JOB_ACCEPTED, Delivery
 from worker.engine.outbox import new_event, new_reply
 from worker.errors import (
     Conflict,
-    RejectedError,
     FaultDetail,
     InvalidCommand,
     InvalidJson,
     NotFound,
+    RejectedError,
     TooLarge,
     Unprocessable,
     UnsupportedMedia,
@@ -135,9 +135,12 @@ def fingerprint(command: CreateJob) -> str:
     """Return the hash that separates a duplicate delivery from a different request.
 
     It covers the normalised body without ``wait`` (how long the caller waits does
-    not change the job) and without ``id`` (compared on its own).
+    not change the job) and without ``id`` (compared on its own). ``data`` is hashed
+    as it was parsed rather than through a copy, because it is the largest part.
     """
-    return digest(command.model_dump(mode="json", exclude={"wait", "id"}))
+    fields = command.model_dump(mode="json", exclude={"wait", "id", "data"})
+    fields["data"] = None if command.data is None else digest(command.data)
+    return digest(fields)
 
 
 class Intake:

@@ -80,20 +80,23 @@ class Outbox:
         self.publisher = publisher
         self.retry_after_s = retry_after_s
 
-    async def deliver(self, handle: JobHandle, item_ids: Iterable[str]) -> None:
+    async def deliver(
+        self, handle: JobHandle, item_ids: Iterable[str], *, defer_mark: bool = False
+    ) -> None:
         """Publish the given ``sending`` items of the job, then mark them.
 
-        A publish that fails leaves its item ``sending`` for the sweeper.
+        A publish that fails leaves its item ``sending`` for the sweeper. With
+        ``defer_mark`` the marks ride along with the job's next write; the runner uses
+        that for ``job.accepted``, because its job is certain to be written again.
         """
         wanted = set(item_ids)
         job = handle.record
         items = [item for item in job.outbox if item.id in wanted and item.state == "sending"]
         if not items:
             return
-        public = job.public()
-        body = public.model_dump_json().encode()
+        body = job.public_json()
         outcomes = await asyncio.gather(
-            *(self._publish(public, body, item) for item in items), return_exceptions=True
+            *(self._publish(job, body, item) for item in items), return_exceptions=True
         )
         results: dict[str, tuple[str, str | None]] = {}
         for item, outcome in zip(items, outcomes, strict=True):
@@ -108,10 +111,14 @@ class Outbox:
                 )
                 continue
             results[item.id] = outcome
-        if results:
+        if results and defer_mark:
+            handle.defer(lambda record: self._mark(record, results))
+        elif results:
             await handle.write(lambda record: self._mark(record, results))
 
-    async def _publish(self, public: Job, body: bytes, item: OutboxItem) -> tuple[str, str | None]:
+    async def _publish(
+        self, public: JobRecord, body: bytes, item: OutboxItem
+    ) -> tuple[str, str | None]:
         message_type = item.message_type or JOB_COMPLETED
         headers = job_headers(public)
         if item.kind == "event":
@@ -134,7 +141,7 @@ class Outbox:
                 reply_type=message_type,
             )
             return "undeliverable", f"no queue {item.reply_to!r}: the caller is gone"
-        log.info(
+        log.debug(
             "reply.sent",
             job_id=public.id,
             correlation_id=item.correlation_id,

@@ -13,6 +13,7 @@ without waiting for the writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
@@ -122,10 +123,9 @@ class ConnectionThread:
         except sqlite3.Error as exc:
             # Nothing of the batch is durable, so every write of it failed.
             if conn.in_transaction:
-                try:
+                # An unusable connection fails here too; the next batch reports why.
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # The connection is unusable; the next batch reports why.
             for job in batch:
                 job.outcome = (False, exc)
 
