@@ -83,6 +83,8 @@ def fast_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "retry_total_s": 5.0,
         "sqlite_synchronous": "normal",
         "workflow_cache_s": 0.0,
+        "metrics_host": "127.0.0.1",
+        "metrics_port": 0,
     }
     values.update(overrides)
     return Settings(**values)
@@ -268,11 +270,12 @@ class RawCommands:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         correlation_id = correlation_id or str(uuid6.uuid7())
         self._waiting.setdefault(correlation_id, asyncio.get_running_loop().create_future())
+        reply_to = properties.pop("reply_to", self.replies.name if reply else None)
         message = aio_pika.Message(
             data,
             content_type=content_type,
             correlation_id=correlation_id,
-            reply_to=self.replies.name if reply else None,
+            reply_to=reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             **properties,
         )

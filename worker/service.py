@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
 
 import aio_pika
 import httpx
 import structlog
 from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.actions.registry import ActionRegistry, default_registry
 from worker.amqp.consumer import Consumer
@@ -19,12 +22,16 @@ from worker.amqp.publisher import AmqpPublisher
 from worker.amqp.topology import Topology, declare
 from worker.engine.core import Engine
 from worker.engine.services import ServicesFactory
+from worker.errors import TransientError
 from worker.keys import SigningKeyProvider
+from worker.metrics import HealthServer, Metrics
 from worker.settings import Settings
 from worker.store import Store, create_store
 from worker.workflows import load_workflow_files, put_workflow
 
 log = structlog.get_logger("worker.service")
+
+T = TypeVar("T")
 
 
 class WorkerState(Enum):
@@ -55,6 +62,11 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._store: Store | None = None
         self._http: httpx.AsyncClient | None = None
+        self._consuming = False
+        self.metrics = Metrics()
+        self._health = HealthServer(self.metrics, self._readiness)
+        #: Port of the metrics and health server, once it listens.
+        self.metrics_port: int | None = None
 
     def request_stop(self, *, immediate: bool = False) -> None:
         """Begin the shutdown; ``immediate`` skips the grace period for running jobs."""
@@ -69,9 +81,15 @@ class Worker:
         tasks: list[asyncio.Task[Any]] = []
         consumer: Consumer | None = None
         try:
-            store = await self._open_store()
+            await self._start_health_server()
+            store = await self._until_ready("store", self._open_store)
+            if store is None:
+                return
             await self._load_workflows(store)
-            engine, consumer = await self._connect(store)
+            connected = await self._until_ready("broker", lambda: self._connect(store))
+            if connected is None:
+                return
+            engine, consumer = connected
             tasks = [
                 asyncio.create_task(engine.sweep_forever(), name="sweeper"),
                 asyncio.create_task(engine.renew_leases_forever(), name="leases"),
@@ -88,6 +106,40 @@ class Worker:
         finally:
             await self._shutdown(consumer, tasks)
 
+    async def _start_health_server(self) -> None:
+        try:
+            self.metrics_port = await self._health.start(
+                self.settings.metrics_host, self.settings.metrics_port
+            )
+        except OSError as exc:
+            # The worker still does its job; only its probes and metrics are missing,
+            # which an orchestrator notices through its failing probes.
+            log.error(
+                "metrics.unavailable",
+                host=self.settings.metrics_host,
+                port=self.settings.metrics_port,
+                error=repr(exc),
+            )
+
+    async def _until_ready(self, component: str, start: Callable[[], Awaitable[T]]) -> T | None:
+        """Start a component, retrying with backoff until it works or a stop is requested.
+
+        A worker started before its store or broker comes up waits for them instead of
+        exiting, and /readyz says what it waits for meanwhile.
+        """
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                return await start()
+            except (TransientError, *CONNECTION_EXCEPTIONS) as exc:
+                log.warning(
+                    "worker.start_retrying", component=component, error=repr(exc), delay_s=delay
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            delay = min(delay * 2, 10.0)
+        return None
+
     async def _open_store(self) -> Store:
         store = create_store(
             self.settings.store_url, sqlite_synchronous=self.settings.sqlite_synchronous
@@ -95,6 +147,21 @@ class Worker:
         await store.open()
         self._store = store
         return store
+
+    async def _readiness(self) -> str | None:
+        """Return why the worker is not ready to take commands, or None when it is."""
+        if self.state is not WorkerState.RUNNING:
+            return f"worker is {self.state.value}"
+        if self._store is None:
+            return "store is not open yet"
+        if self._connection is None or self._connection.is_closed or not self._consuming:
+            return "not consuming from the broker"
+        try:
+            await asyncio.wait_for(self._store.ping(), timeout=2)
+        except Exception as exc:
+            # Whatever the reason, a store that cannot answer a ping makes us unready.
+            return f"store does not answer: {exc!r}"
+        return None
 
     async def _load_workflows(self, store: Store) -> None:
         directory = self.settings.workflows_dir
@@ -118,7 +185,7 @@ class Worker:
         )
         self._connection = connection
         connection.close_callbacks.add(self._on_connection_closed)
-        connection.reconnect_callbacks.add(_on_reconnected)
+        connection.reconnect_callbacks.add(self._on_reconnected)
         publish_channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         declared = await declare(publish_channel, Topology.from_settings(self.settings))
         publisher = AmqpPublisher(
@@ -134,7 +201,7 @@ class Worker:
             webhook_allow_hosts=self.settings.webhook_hosts,
             http=self._http,
         )
-        engine = Engine(store, publisher, self.registry, services, self.settings)
+        engine = Engine(store, publisher, self.registry, services, self.settings, self.metrics)
         self.engine = engine
 
         consume_channel = await connection.channel(publisher_confirms=False)
@@ -142,9 +209,19 @@ class Worker:
         queue = await consume_channel.get_queue(declared.jobs.name, ensure=False)
         consumer = Consumer(queue, engine)
         await consumer.start()
+        self._set_consuming(True)
         return engine, consumer
 
+    def _set_consuming(self, consuming: bool) -> None:
+        self._consuming = consuming
+        self.metrics.consumer_connected.set(1 if consuming else 0)
+
+    def _on_reconnected(self, _: Any) -> None:
+        self._set_consuming(True)
+        log.info("amqp.reconnected")
+
     def _on_connection_closed(self, _: Any, exc: BaseException | None) -> None:
+        self._set_consuming(False)
         if self.state is not WorkerState.RUNNING:
             log.debug("amqp.connection_closed")
         elif exc is not None:
@@ -174,11 +251,8 @@ class Worker:
             await self._connection.close()
         if self._http is not None:
             await self._http.aclose()
+        await self._health.close()
         if self._store is not None:
             await self._store.close()
         self.state = WorkerState.STOPPED
         log.info("worker.stopped", jobs_cancelled=cancelled)
-
-
-def _on_reconnected(_: Any) -> None:
-    log.info("amqp.reconnected")

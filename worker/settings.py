@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     workflows_dir: Path | None = None
     signing_key_file: Path | None = None
+    metrics_host: str = Field(
+        default="0.0.0.0", description="Address of the /metrics, /healthz and /readyz server"
+    )
+    metrics_port: int = Field(
+        default=9100, ge=0, le=65535, description="Its port; 0 picks a free one (logged)"
+    )
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

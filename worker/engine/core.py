@@ -49,6 +49,7 @@ from worker.errors import (
     TransientError,
     Unprocessable,
 )
+from worker.metrics import Metrics
 from worker.models import EntryRecord, JobRecord, WorkflowRecord
 from worker.settings import Settings
 from worker.store.base import Store
@@ -118,15 +119,18 @@ class Engine:
         registry: ActionRegistry,
         services: ServicesFactory,
         settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.owner = f"worker-{uuid6.uuid7()}"
         self.capacity = Capacity(settings.prefetch)
-        self.outbox = Outbox(publisher, retry_after_s=settings.outbox_retry_s)
+        self.metrics.jobs_in_flight.set_function(lambda: len(self.running))
+        self.outbox = Outbox(publisher, retry_after_s=settings.outbox_retry_s, metrics=self.metrics)
         self.intake = Intake(store, settings, owner=self.owner)
-        self.runner = Runner(store, registry, services, self.outbox, settings)
+        self.runner = Runner(store, registry, services, self.outbox, settings, self.metrics)
         self.running: dict[str, tuple[JobHandle, asyncio.Task[None]]] = {}
         self._workflows: dict[tuple[str, str, str], WorkflowRecord] = {}
         self._timers: set[asyncio.TimerHandle] = set()
@@ -168,6 +172,7 @@ class Engine:
             if isinstance(result, Duplicate):
                 await self._answer_duplicate(result, command, delivery)
                 return Settlement.ACK
+            self.metrics.jobs_accepted.labels(result.handle.record.workflow_id).inc()
             self._start(result.handle, result.workflow.workflow, accepted=True, entry=result.entry)
             started = True
             return Settlement.ACK
@@ -246,6 +251,7 @@ class Engine:
             log.warning("reply.undeliverable", job_id=job_id, reply_to=delivery.reply_to)
 
     async def _reject(self, delivery: Delivery, exc: RejectedError) -> Settlement:
+        self.metrics.commands_rejected.labels(exc.key, str(exc.status)).inc()
         log.info(
             "command.rejected",
             status=exc.status,
@@ -394,6 +400,7 @@ class Engine:
             job.due_at = None
             job.owner = None
             job.outbox.append(new_event(JOB_FAILED, now))
+            self.metrics.jobs_failed.labels(job.workflow_id).inc()
             claim_completion(job, now)
             job.refresh_outbox_due(self.settings.outbox_retry_s)
 

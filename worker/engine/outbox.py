@@ -21,6 +21,7 @@ from contracts.timestamps import utc_now
 from worker.engine.handle import JobHandle
 from worker.engine.messages import JOB_COMPLETED, JOB_PENDING, REPLY_STATUS, Outgoing, Publisher
 from worker.errors import TransientError
+from worker.metrics import Metrics
 from worker.models import JobRecord, OutboxItem
 
 log = structlog.get_logger("worker.outbox")
@@ -76,9 +77,12 @@ def job_headers(job: Job) -> dict[str, str | int]:
 class Outbox:
     """Publishes outbox items and records the outcome on the job."""
 
-    def __init__(self, publisher: Publisher, *, retry_after_s: float) -> None:
+    def __init__(
+        self, publisher: Publisher, *, retry_after_s: float, metrics: Metrics | None = None
+    ) -> None:
         self.publisher = publisher
         self.retry_after_s = retry_after_s
+        self.metrics = metrics or Metrics()
 
     async def deliver(
         self, handle: JobHandle, item_ids: Iterable[str], *, defer_mark: bool = False
@@ -133,6 +137,7 @@ class Outbox:
             Outgoing(item.reply_to, message_type, body, item.id, item.correlation_id, headers)
         )
         if not delivered:
+            self.metrics.replies_undeliverable.inc()
             log.warning(
                 "reply.undeliverable",
                 job_id=public.id,

@@ -35,6 +35,7 @@ from worker.engine.steps import (
 )
 from worker.errors import TransientError
 from worker.gobl.envelope import normalise_envelope, replace_document
+from worker.metrics import Metrics
 from worker.models import EntryRecord, JobRecord
 from worker.settings import Settings
 from worker.store.base import Store, StoredFile
@@ -83,10 +84,11 @@ class RunState:
 class Recorder:
     """Turns step results into job and entry writes."""
 
-    def __init__(self, store: Store, outbox: Outbox, settings: Settings) -> None:
+    def __init__(self, store: Store, outbox: Outbox, settings: Settings, metrics: Metrics) -> None:
         self.store = store
         self.outbox = outbox
         self.settings = settings
+        self.metrics = metrics
 
     # Step results
 
@@ -309,6 +311,7 @@ class Recorder:
             job.updated_at = now
 
         await self.flush(state, extra=record)
+        self.metrics.retries_scheduled.labels(step.action).inc()
         log.warning(
             "job.rescheduled",
             job_id=state.job.id,
@@ -341,6 +344,8 @@ class Recorder:
             job.refresh_outbox_due(self.outbox.retry_after_s)
 
         stored = await self.flush(state, extra=record)
+        counter = self.metrics.jobs_failed if stored.faults else self.metrics.jobs_completed
+        counter.labels(stored.workflow_id).inc()
         log.info(
             event_name,
             job_id=stored.id,

@@ -44,6 +44,7 @@ from worker.engine.steps import (
 )
 from worker.errors import TransientError, Unprocessable
 from worker.gobl.envelope import document_schema
+from worker.metrics import Metrics
 from worker.models import EntryRecord, JobRecord
 from worker.settings import Settings
 from worker.store.base import Store
@@ -74,12 +75,14 @@ class Runner:
         services: ServicesFactory,
         outbox: Outbox,
         settings: Settings,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.services = services
         self.settings = settings
-        self.recorder = Recorder(store, outbox, settings)
+        self.metrics = metrics or Metrics()
+        self.recorder = Recorder(store, outbox, settings, self.metrics)
 
     async def run(
         self, handle: JobHandle, workflow: Workflow, *, entry: EntryRecord | None = None
@@ -153,6 +156,8 @@ class Runner:
         result = await self._result(step, intent, state, rescue=rescue)
         if result is None:
             return None
+        elapsed = time.monotonic() - started
+        self.metrics.step_duration.labels(step.action, str(result.status)).observe(elapsed)
         log.info(
             "step.finished",
             job_id=state.job.id,
@@ -162,7 +167,7 @@ class Runner:
             action=step.action,
             status=str(result.status),
             code=result.code,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            duration_ms=round(elapsed * 1000, 1),
         )
         return StepOutcome(result.status, result.code)
 

@@ -139,7 +139,10 @@ class SqliteStore:
     async def open(self) -> None:
         if self._writer is not None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create the folder of {self.path}: {exc}") from exc
 
         def connect_both() -> tuple[sqlite3.Connection, sqlite3.Connection]:
             writer = connect(self.path, self._synchronous)
