@@ -17,7 +17,7 @@ def as_utc(value: datetime) -> datetime:
 
 def format_timestamp(value: datetime) -> str:
     """Render ``value`` as ``2026-01-31T12:00:00.123Z``."""
-    utc = as_utc(value)
+    utc = value if value.tzinfo is UTC else as_utc(value)
     # isoformat is several times faster than strftime; the offset it adds is +00:00.
     return utc.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 

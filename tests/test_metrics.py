@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from contracts.client import JobsClient
-from tests.conftest import AMQP_URL, RawCommands, RunningWorker, WorkerFactory, fast_settings
+from tests.conftest import RawCommands, RunningWorker, WorkerFactory, fast_settings
 from tests.factories import load_envelope
 from worker.errors import StoreUnavailable
 from worker.service import Worker
