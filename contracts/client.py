@@ -21,6 +21,7 @@ import json
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import uuid6
@@ -65,6 +66,9 @@ class JobsClient:
         connection_name: str = "transform-worker client",
     ) -> None:
         self.url = url
+        # Sent as the AMQP user_id, which RabbitMQ checks against the login; a worker
+        # that binds workspaces to broker users reads the workspace from it.
+        self.user_id = unquote(urlsplit(url).username or "guest")
         self.namespace = namespace
         self.timeout_s = timeout_s
         self.connection_name = connection_name
@@ -145,13 +149,22 @@ class JobsClient:
         *,
         id: str | None = None,
         key: str | None = None,
-        workspace_id: str = "default",
+        workspace_id: str | None = None,
         timeout_s: float | None = None,
     ) -> Job:
-        """Fetch a job by id or key with a ``job.get`` command."""
-        query = GetJob(workspace_id=workspace_id, id=id, key=key)
+        """Fetch a job by id or key with a ``job.get`` command.
+
+        Without ``workspace_id`` the worker uses ``default``, or the caller's workspace
+        when it binds workspaces to broker users.
+        """
+        query = GetJob.model_validate(
+            {"id": id, "key": key}
+            | ({"workspace_id": workspace_id} if workspace_id is not None else {})
+        )
         reply = await self.request(
-            GET_JOB, query.model_dump(mode="json", exclude_none=True), timeout_s=timeout_s
+            GET_JOB,
+            query.model_dump(mode="json", exclude_none=True, exclude_unset=True),
+            timeout_s=timeout_s,
         )
         return _job_from(reply)
 
@@ -175,6 +188,7 @@ class JobsClient:
             message_id=message_id,
             correlation_id=correlation_id,
             reply_to=self.reply_queue if reply else None,
+            user_id=self.user_id,
         )
         await self._commands.publish(message, routing_key, mandatory=True)
         return correlation_id
@@ -213,7 +227,8 @@ class JobsClient:
 
 def _command_body(command: CreateJob | Mapping[str, Any], wait: int | None) -> dict[str, Any]:
     if isinstance(command, CreateJob):
-        body = command.model_dump(mode="json", exclude_none=True, by_alias=True)
+        # Unset fields are left out so that the worker applies its own defaults.
+        body = command.model_dump(mode="json", exclude_unset=True, by_alias=True)
     else:
         body = dict(command)
     if wait is not None:

@@ -13,6 +13,7 @@ ErrorKey = Literal[
     "too_large",
     "unsupported_media_type",
     "invalid_json",
+    "forbidden",
 ]
 
 

@@ -80,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     show = jobs.add_parser("show", help="print a job, by id or by key")
     show.add_argument("id", nargs="?", help="job id")
     show.add_argument("--key", help="find the job by its idempotency key instead")
-    show.add_argument("--workspace", default="default")
+    show.add_argument(
+        "--workspace", help="workspace id (default: default, or the broker user's workspace)"
+    )
     show.set_defaults(handler=_show)
 
     attachment = jobs.add_parser("attachment", help="write one of a job's attachments to a file")

@@ -9,6 +9,7 @@ The tree::
     │   ├── UnsupportedMedia     415 unsupported_media_type
     │   ├── TooLarge             413 too_large
     │   ├── NotFound             404 not_found
+    │   ├── Forbidden            403 forbidden (another workspace, or an unmapped user)
     │   ├── Conflict             409 conflict
     │   └── Unprocessable        422 validation (well-formed but unusable input)
     │       └── DigestMismatch   a signed envelope whose digest does not match its doc
@@ -79,6 +80,11 @@ class TooLarge(RejectedError):
 class NotFound(RejectedError):
     status = 404
     key = "not_found"
+
+
+class Forbidden(RejectedError):
+    status = 403
+    key = "forbidden"
 
 
 class Conflict(RejectedError):

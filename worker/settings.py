@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Age after which an unpublished reply or event is published again",
     )
+    workspace_users: str = Field(
+        default="",
+        description="Comma-separated user=workspace pairs. When set, every command must "
+        "carry the AMQP user_id of a listed broker user and may only touch that user's "
+        "workspace",
+    )
     webhook_allow_hosts: str = Field(
         default="",
         description="Comma-separated hosts (or host:port) the webhook action may call; "
@@ -106,6 +112,14 @@ class Settings(BaseSettings):
         default=12 * 3600.0, gt=0, description="A step failing this long ends with KO"
     )
 
+    @field_validator("workspace_users")
+    @classmethod
+    def _pairs(cls, value: str) -> str:
+        for item in value.split(","):
+            if item.strip() and "=" not in item:
+                raise ValueError(f"{item.strip()!r} is not user=workspace")
+        return value
+
     @field_validator("store_url")
     @classmethod
     def _known_store_scheme(cls, value: str) -> str:
@@ -114,6 +128,21 @@ class Settings(BaseSettings):
                 "TRANSFORM_STORE_URL must start with sqlite:///, mongodb:// or mongodb+srv://"
             )
         return value
+
+    @property
+    def workspace_user_map(self) -> dict[str, str]:
+        """The ``workspace_users`` pairs as a mapping from broker user to workspace."""
+        pairs: dict[str, str] = {}
+        for item in self.workspace_users.split(","):
+            if not item.strip():
+                continue
+            user, separator, workspace = item.partition("=")
+            if not separator or not user.strip() or not workspace.strip():
+                raise ValueError(
+                    f"TRANSFORM_WORKSPACE_USERS item {item.strip()!r} is not user=workspace"
+                )
+            pairs[user.strip()] = workspace.strip()
+        return pairs
 
     @property
     def webhook_hosts(self) -> frozenset[str]:

@@ -33,6 +33,7 @@ def to_delivery(message: AbstractIncomingMessage) -> Delivery:
         correlation_id=message.correlation_id,
         message_id=message.message_id,
         delivery_count=count if isinstance(count, int) else 0,
+        user_id=message.user_id,
     )
 
 

@@ -40,6 +40,7 @@ from worker.engine.messages import (
 )
 from worker.engine.outbox import Outbox, claim_completion, new_event, new_reply
 from worker.engine.runner import Runner
+from worker.engine.tenancy import WorkspaceUsers
 from worker.engine.services import ServicesFactory
 from worker.errors import (
     FencedOut,
@@ -130,6 +131,7 @@ class Engine:
         self.metrics.jobs_in_flight.set_function(lambda: len(self.running))
         self.outbox = Outbox(publisher, retry_after_s=settings.outbox_retry_s, metrics=self.metrics)
         self.intake = Intake(store, settings, owner=self.owner)
+        self.workspaces = WorkspaceUsers(settings.workspace_user_map)
         self.runner = Runner(store, registry, services, self.outbox, settings, self.metrics)
         self.running: dict[str, tuple[JobHandle, asyncio.Task[None]]] = {}
         self._workflows: dict[tuple[str, str, str], WorkflowRecord] = {}
@@ -165,6 +167,7 @@ class Engine:
 
     async def _create(self, delivery: Delivery) -> Settlement:
         command: CreateJob = decode(delivery, CreateJob, self.settings.max_message_bytes)
+        command = self.workspaces.scope(command, delivery.user_id)
         await self.capacity.acquire()
         started = False
         try:
@@ -182,6 +185,7 @@ class Engine:
 
     async def _get(self, delivery: Delivery) -> Settlement:
         query: GetJob = decode(delivery, GetJob, self.settings.max_message_bytes)
+        query = self.workspaces.scope(query, delivery.user_id)
         job = await self._retry_store(lambda: self.intake.get(query))
         log.info("job.found", job_id=job.id, workspace_id=job.workspace_id)
         if delivery.reply_to:

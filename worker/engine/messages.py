@@ -30,6 +30,8 @@ class Delivery:
     message_id: str | None = None
     #: How many times the broker delivered this message before (``x-delivery-count``).
     delivery_count: int = 0
+    #: The publisher's broker user, checked by RabbitMQ when the publisher sets it.
+    user_id: str | None = None
 
 
 @dataclass(frozen=True)
