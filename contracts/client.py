@@ -32,6 +32,8 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelNotFoundEntity
+from aiormq.abc import DeliveredMessage
 
 from contracts.commands import CREATE_JOB, GET_JOB, CreateJob, GetJob
 from contracts.errors import Error
@@ -52,6 +54,10 @@ class JobRejected(Exception):
 
 class ReplyTimeout(TimeoutError):
     """No reply arrived within the client-side timeout."""
+
+
+class CommandNotRouted(ConnectionError):
+    """The broker had no queue for the command: the worker's topology is missing."""
 
 
 class JobsClient:
@@ -99,9 +105,16 @@ class JobsClient:
             self.url, client_properties={"connection_name": self.connection_name}
         )
         self._channel = await self._connection.channel(publisher_confirms=True)
-        self._commands = await self._channel.get_exchange(
-            f"{self.namespace}.commands", ensure=False
-        )
+        try:
+            self._commands = await self._channel.get_exchange(
+                f"{self.namespace}.commands", ensure=True
+            )
+        except ChannelNotFoundEntity:
+            await self.close()
+            raise CommandNotRouted(
+                f"exchange {self.namespace}.commands does not exist; a worker declares it "
+                "when it starts, so start one or check the namespace"
+            ) from None
         self._replies = await self._channel.declare_queue(
             f"{self.namespace}.replies.{uuid6.uuid7()}",
             durable=False,
@@ -190,8 +203,34 @@ class JobsClient:
             reply_to=self.reply_queue if reply else None,
             user_id=self.user_id,
         )
-        await self._commands.publish(message, routing_key, mandatory=True)
+        await self._publish_until_confirmed(message, routing_key)
         return correlation_id
+
+    async def _publish_until_confirmed(self, message: aio_pika.Message, routing_key: str) -> None:
+        """Publish, waiting out a reconnection of the robust connection if there is one.
+
+        A command that is published twice is harmless: it carries its job id, and the
+        worker answers a repeated id from the job it already has.
+        """
+        assert self._commands is not None and self._channel is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while True:
+            try:
+                result = await self._commands.publish(
+                    message, routing_key, mandatory=True, timeout=self.timeout_s
+                )
+            except CONNECTION_EXCEPTIONS:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+                continue
+            if isinstance(result, DeliveredMessage):
+                raise CommandNotRouted(
+                    f"no queue takes {routing_key} on {self._commands.name}; "
+                    "has a worker ever started in this namespace?"
+                )
+            return
 
     async def request(
         self,
@@ -245,3 +284,43 @@ def _job_from(reply: AbstractIncomingMessage) -> Job:
             Error.model_validate(payload), int(status) if isinstance(status, int) else 400
         )
     return Job.model_validate(payload)
+
+
+def create_job_sync(
+    command: CreateJob | Mapping[str, Any],
+    *,
+    url: str = "amqp://guest:guest@127.0.0.1:5672/",
+    namespace: str = "transform",
+    wait: int | None = None,
+    timeout_s: float = 60.0,
+) -> Job:
+    """Publish one create-job command and return the job from its reply, for scripts.
+
+    Opens and closes a connection per call, so it suits a script or a cron job, not a
+    service sending many commands: use ``JobsClient`` there. Raises ``JobRejected`` and
+    ``ReplyTimeout`` like ``JobsClient.create_job``.
+    """
+
+    async def call() -> Job:
+        async with JobsClient(url, namespace=namespace, timeout_s=timeout_s) as client:
+            return await client.create_job(command, wait=wait)
+
+    return asyncio.run(call())
+
+
+def get_job_sync(
+    *,
+    id: str | None = None,
+    key: str | None = None,
+    workspace_id: str | None = None,
+    url: str = "amqp://guest:guest@127.0.0.1:5672/",
+    namespace: str = "transform",
+    timeout_s: float = 30.0,
+) -> Job:
+    """Fetch one job by id or key, for scripts; see ``create_job_sync``."""
+
+    async def call() -> Job:
+        async with JobsClient(url, namespace=namespace, timeout_s=timeout_s) as client:
+            return await client.get_job(id=id, key=key, workspace_id=workspace_id)
+
+    return asyncio.run(call())

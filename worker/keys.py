@@ -28,10 +28,10 @@ class SigningKeyProvider:
                 key, created = await asyncio.to_thread(
                     load_or_create_key, self.settings.signing_key_file, self.settings.data_dir
                 )
-                log.info(
-                    "signing_key.created" if created else "signing_key.loaded",
-                    kid=key.kid,
-                    configured=self.settings.signing_key_file is not None,
-                )
+                configured = self.settings.signing_key_file is not None
+                if created:
+                    log.info("signing_key.created", kid=key.kid, configured=configured)
+                else:
+                    log.info("signing_key.loaded", kid=key.kid, configured=configured)
                 self._key = key
             return self._key

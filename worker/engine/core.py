@@ -252,7 +252,14 @@ class Engine:
             headers,
         )
         if not await self.publisher.publish_reply(message):
-            log.warning("reply.undeliverable", job_id=job_id, reply_to=delivery.reply_to)
+            self.metrics.replies_undeliverable.inc()
+            log.warning(
+                "reply.undeliverable",
+                job_id=job_id,
+                reply_to=delivery.reply_to,
+                correlation_id=delivery.correlation_id,
+                reply_type=reply_type,
+            )
 
     async def _reject(self, delivery: Delivery, exc: RejectedError) -> Settlement:
         self.metrics.commands_rejected.labels(exc.key, str(exc.status)).inc()

@@ -344,16 +344,28 @@ class Recorder:
             job.refresh_outbox_due(self.outbox.retry_after_s)
 
         stored = await self.flush(state, extra=record)
-        counter = self.metrics.jobs_failed if stored.faults else self.metrics.jobs_completed
-        counter.labels(stored.workflow_id).inc()
-        log.info(
-            event_name,
-            job_id=stored.id,
-            workspace_id=stored.workspace_id,
-            workflow_id=stored.workflow_id,
-            status=str(stored.status),
-            faults=len(stored.faults),
-            duration_ms=round((now - stored.created_at).total_seconds() * 1000, 1),
-        )
+        duration_ms = round((now - stored.created_at).total_seconds() * 1000, 1)
+        if stored.faults:
+            self.metrics.jobs_failed.labels(stored.workflow_id).inc()
+            log.info(
+                "job.failed",
+                job_id=stored.id,
+                workspace_id=stored.workspace_id,
+                workflow_id=stored.workflow_id,
+                status=str(stored.status),
+                faults=len(stored.faults),
+                fault=stored.faults[0].code,
+                duration_ms=duration_ms,
+            )
+        else:
+            self.metrics.jobs_completed.labels(stored.workflow_id).inc()
+            log.info(
+                "job.completed",
+                job_id=stored.id,
+                workspace_id=stored.workspace_id,
+                workflow_id=stored.workflow_id,
+                status=str(stored.status),
+                duration_ms=duration_ms,
+            )
         sending = [item.id for item in stored.outbox if item.state == "sending"]
         await self.outbox.deliver(state.handle, sending)

@@ -121,7 +121,12 @@ class Runner:
             job.owner = None
 
         await handle.write(release)
-        log.warning("job.released", job_id=handle.job_id, reason="silo entry kept changing")
+        log.warning(
+            "job.restarts_exhausted",
+            job_id=handle.job_id,
+            restarts=MAX_RESTARTS,
+            retry_in_s=self.settings.retry_first_s,
+        )
 
     # Flow
 
