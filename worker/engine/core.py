@@ -40,8 +40,8 @@ from worker.engine.messages import (
 )
 from worker.engine.outbox import Outbox, claim_completion, new_event, new_reply
 from worker.engine.runner import Runner
-from worker.engine.tenancy import WorkspaceUsers
 from worker.engine.services import ServicesFactory
+from worker.engine.tenancy import WorkspaceUsers
 from worker.errors import (
     FencedOut,
     InvalidCommand,
