@@ -13,43 +13,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from datetime import timedelta
-from enum import Enum
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 import uuid6
 from structlog.contextvars import bound_contextvars
 
-from contracts import CREATE_JOB, GET_JOB, CreateJob, Fault, GetJob, Workflow
+from contracts import Fault, Workflow
 from contracts.timestamps import utc_now
 from worker.actions.registry import ActionRegistry
+from worker.engine.capacity import Capacity
+from worker.engine.commands import Commands, Settlement
 from worker.engine.handle import JobHandle, claim
-from worker.engine.intake import Duplicate, Intake, decode, error_body
-from worker.engine.messages import (
-    JOB_COMPLETED,
-    JOB_FAILED,
-    JOB_FOUND,
-    JOB_PENDING,
-    JOB_REJECTED,
-    REPLY_STATUS,
-    Delivery,
-    Outgoing,
-    Publisher,
-)
-from worker.engine.outbox import Outbox, claim_completion, new_event, new_reply
+from worker.engine.messages import JOB_FAILED, Delivery, Publisher
+from worker.engine.outbox import Outbox, claim_completion, new_event
 from worker.engine.runner import Runner
 from worker.engine.services import ServicesFactory
-from worker.engine.tenancy import WorkspaceUsers
-from worker.errors import (
-    FencedOut,
-    InvalidCommand,
-    RejectedError,
-    StoreUnavailable,
-    TransientError,
-    Unprocessable,
-)
+from worker.errors import FencedOut, StoreUnavailable, TransientError
 from worker.metrics import Metrics
 from worker.models import EntryRecord, JobRecord, WorkflowRecord
 from worker.settings import Settings
@@ -57,57 +39,7 @@ from worker.store.base import Store
 
 log = structlog.get_logger("worker.engine")
 
-T = TypeVar("T")
-
-
-class Settlement(Enum):
-    """Settlement of a delivery once the engine is done with it."""
-
-    ACK = "ack"
-    REQUEUE = "requeue"
-
-
-class ShuttingDown(TransientError):
-    """The worker is stopping and takes no new work; the command goes back to the queue."""
-
-
-class Capacity:
-    """A counter of job slots shared by the consumer and the sweeper."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._used = 0
-        self._closed = False
-        self._changed = asyncio.Condition()
-
-    @property
-    def free(self) -> int:
-        return self.size - self._used
-
-    async def acquire(self) -> None:
-        """Wait for a free slot; raise ShuttingDown once the capacity is closed."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self._closed or self._used < self.size)
-            if self._closed:
-                raise ShuttingDown("the worker is stopping")
-            self._used += 1
-
-    def try_acquire(self) -> bool:
-        if self._closed or self._used >= self.size:
-            return False
-        self._used += 1
-        return True
-
-    async def release(self) -> None:
-        async with self._changed:
-            self._used -= 1
-            self._changed.notify()
-
-    async def close(self) -> None:
-        """Refuse every later and waiting acquire."""
-        async with self._changed:
-            self._closed = True
-            self._changed.notify_all()
+__all__ = ["Capacity", "Engine", "Settlement"]
 
 
 class Engine:
@@ -130,8 +62,6 @@ class Engine:
         self.capacity = Capacity(settings.prefetch)
         self.metrics.jobs_in_flight.set_function(lambda: len(self.running))
         self.outbox = Outbox(publisher, retry_after_s=settings.outbox_retry_s, metrics=self.metrics)
-        self.intake = Intake(store, settings, owner=self.owner)
-        self.workspaces = WorkspaceUsers(settings.workspace_user_map)
         self.runner = Runner(store, registry, services, self.outbox, settings, self.metrics)
         self.running: dict[str, tuple[JobHandle, asyncio.Task[None]]] = {}
         self._workflows: dict[tuple[str, str, str], WorkflowRecord] = {}
@@ -139,199 +69,24 @@ class Engine:
         self._background: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
         self._wake_sweeper = asyncio.Event()
-
-    # Commands
+        self.commands = Commands(
+            store,
+            publisher,
+            self.outbox,
+            settings,
+            self.metrics,
+            self.capacity,
+            owner=self.owner,
+            start_job=lambda handle, workflow, entry: self._start(
+                handle, workflow, accepted=True, entry=entry
+            ),
+            schedule_deadline=self._schedule_deadline,
+            stopping=self._stopping,
+        )
 
     async def handle(self, delivery: Delivery) -> Settlement:
         """Process one command and return how to settle its message."""
-        with bound_contextvars(
-            routing_key=delivery.routing_key, correlation_id=delivery.correlation_id
-        ):
-            try:
-                if delivery.routing_key == CREATE_JOB:
-                    return await self._create(delivery)
-                if delivery.routing_key == GET_JOB:
-                    return await self._get(delivery)
-                raise InvalidCommand(
-                    f"unknown routing key {delivery.routing_key!r}; "
-                    f"commands are {CREATE_JOB} and {GET_JOB}"
-                )
-            except RejectedError as exc:
-                return await self._reject(delivery, exc)
-            except (StoreUnavailable, TransientError) as exc:
-                # Only reached while stopping: the message goes back for another worker.
-                log.warning("command.requeued", error=str(exc))
-                return Settlement.REQUEUE
-            except Exception as exc:
-                return await self._crashed(delivery, exc)
-
-    async def _create(self, delivery: Delivery) -> Settlement:
-        command: CreateJob = decode(delivery, CreateJob, self.settings.max_message_bytes)
-        command = self.workspaces.scope(command, delivery.user_id)
-        await self.capacity.acquire()
-        started = False
-        try:
-            result = await self._retry_store(lambda: self.intake.create(command, delivery))
-            if isinstance(result, Duplicate):
-                await self._answer_duplicate(result, command, delivery)
-                return Settlement.ACK
-            self.metrics.jobs_accepted.labels(result.handle.record.workflow_id).inc()
-            self._start(result.handle, result.workflow.workflow, accepted=True, entry=result.entry)
-            started = True
-            return Settlement.ACK
-        finally:
-            if not started:
-                await self.capacity.release()
-
-    async def _get(self, delivery: Delivery) -> Settlement:
-        query: GetJob = decode(delivery, GetJob, self.settings.max_message_bytes)
-        query = self.workspaces.scope(query, delivery.user_id)
-        job = await self._retry_store(lambda: self.intake.get(query))
-        log.info("job.found", job_id=job.id, workspace_id=job.workspace_id)
-        if delivery.reply_to:
-            await self._reply_now(
-                delivery, JOB_FOUND, job.model_dump_json().encode(), job_id=job.id
-            )
-        return Settlement.ACK
-
-    async def _answer_duplicate(
-        self, duplicate: Duplicate, command: CreateJob, delivery: Delivery
-    ) -> None:
-        """Register the duplicate's reply on the job, unless its caller has one already.
-
-        A redelivery carries the same ``reply_to`` and ``correlation_id`` as the first
-        delivery, so it finds its reply registered and gets no second one. A new
-        caller's reply goes through the outbox like any other: at once when the job
-        is finished (or ``wait`` is 0), at completion or deadline otherwise.
-        """
-        if delivery.reply_to is None:
-            return
-        now = utc_now()
-        reply = new_reply(delivery.reply_to, delivery.correlation_id, command.wait, now)
-        claimed: list[str] = []
-
-        def register(record: JobRecord) -> None:
-            claimed.clear()
-            if any(
-                item.kind == "reply"
-                and item.reply_to == reply.reply_to
-                and item.correlation_id == reply.correlation_id
-                for item in record.outbox
-            ):
-                return
-            item = reply.model_copy()
-            if record.completed_at is not None:
-                item.state = "sending"
-                item.claimed_at = now
-                item.message_type = JOB_COMPLETED
-            record.outbox.append(item)
-            if item.state == "sending":
-                claimed.append(item.id)
-            record.refresh_outbox_due(self.settings.outbox_retry_s)
-
-        handle = JobHandle(self.store, duplicate.job)
-        await self._retry_store(lambda: handle.write(register))
-        if claimed:
-            await self.outbox.deliver(handle, claimed)
-        elif reply.deadline is not None and handle.record.completed_at is None:
-            self._schedule_deadline(handle.job_id, reply.id, reply.deadline.timestamp())
-
-    async def _reply_now(
-        self, delivery: Delivery, reply_type: str, body: bytes, *, job_id: str | None
-    ) -> None:
-        assert delivery.reply_to is not None
-        headers: dict[str, str | int] = {"x-status": REPLY_STATUS[reply_type]}
-        if job_id:
-            headers["x-job-id"] = job_id
-        message = Outgoing(
-            delivery.reply_to,
-            reply_type,
-            body,
-            str(uuid6.uuid7()),
-            delivery.correlation_id,
-            headers,
-        )
-        if not await self.publisher.publish_reply(message):
-            self.metrics.replies_undeliverable.inc()
-            log.warning(
-                "reply.undeliverable",
-                job_id=job_id,
-                reply_to=delivery.reply_to,
-                correlation_id=delivery.correlation_id,
-                reply_type=reply_type,
-            )
-
-    async def _reject(self, delivery: Delivery, exc: RejectedError) -> Settlement:
-        self.metrics.commands_rejected.labels(exc.key, str(exc.status)).inc()
-        log.info(
-            "command.rejected",
-            status=exc.status,
-            key=exc.key,
-            reason=exc.message,
-            job_id=exc.job_id,
-            delivery_count=delivery.delivery_count,
-        )
-        body = error_body(exc)
-        headers: dict[str, str | int] = {"x-status": exc.status}
-        if exc.job_id:
-            headers["x-job-id"] = exc.job_id
-        publishes: list[Awaitable[Any]] = [
-            self.publisher.publish_event(
-                Outgoing(JOB_REJECTED, JOB_REJECTED, body, str(uuid6.uuid7()), headers=headers)
-            ),
-            self.publisher.publish_dead_letter(delivery, reason=exc.message, status=exc.status),
-        ]
-        if delivery.reply_to:
-            publishes.append(
-                self.publisher.publish_reply(
-                    Outgoing(
-                        delivery.reply_to,
-                        JOB_REJECTED,
-                        body,
-                        str(uuid6.uuid7()),
-                        delivery.correlation_id,
-                        headers,
-                    )
-                )
-            )
-        await asyncio.gather(*publishes)
-        return Settlement.ACK
-
-    async def _crashed(self, delivery: Delivery, exc: Exception) -> Settlement:
-        """Handle a command that raised unexpectedly: requeue it, or give up on it."""
-        last_try = delivery.delivery_count + 1 >= self.settings.delivery_limit
-        log.exception(
-            "command.crashed",
-            delivery_count=delivery.delivery_count,
-            delivery_limit=self.settings.delivery_limit,
-            gives_up=last_try,
-        )
-        if not last_try:
-            return Settlement.REQUEUE
-        rejection = Unprocessable(
-            f"the command failed {delivery.delivery_count + 1} times and was dead-lettered; "
-            f"last error: {type(exc).__name__}: {exc}"
-        )
-        return await self._reject(delivery, rejection)
-
-    async def _retry_store(self, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run a store operation until it succeeds, backing off up to 5 s between tries.
-
-        The message stays unacknowledged meanwhile, so nothing is lost; when the
-        worker is stopping, StoreUnavailable is raised and the message is requeued.
-        """
-        delay = 0.1
-        attempt = 0
-        while True:
-            try:
-                return await operation()
-            except StoreUnavailable as exc:
-                attempt += 1
-                if self._stopping.is_set():
-                    raise
-                log.warning("store.unavailable", error=str(exc), attempt=attempt, delay_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await self.commands.handle(delivery)
 
     # Running jobs
 
@@ -546,6 +301,3 @@ class Engine:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         return len(leftovers)
-
-
-__all__ = ["JOB_PENDING", "Capacity", "Engine", "Settlement"]

@@ -189,24 +189,27 @@ class Outbox:
         """Publish what a job still owes: due deadlines, and items stuck in ``sending``."""
         now = utc_now()
         stale_before = now - timedelta(seconds=self.retry_after_s)
-        record = handle.record
-        for item in record.outbox:
-            if (
-                item.kind == "reply"
-                and item.state == "pending"
-                and item.deadline is not None
-                and item.deadline <= now
-            ):
-                await self.send_deadline_reply(handle, item.id)
+        overdue = [
+            item.id
+            for item in handle.record.outbox
+            if item.kind == "reply"
+            and item.state == "pending"
+            and item.deadline is not None
+            and item.deadline <= now
+        ]
+        for item_id in overdue:
+            await self.send_deadline_reply(handle, item_id)
         stale = [
             item.id
             for item in handle.record.outbox
-            if (item.state == "sending" and (item.claimed_at or now) <= stale_before)
+            if item.state == "sending" and (item.claimed_at or now) <= stale_before
         ]
         if not stale:
-            if handle.record.outbox_due_at != record.outbox_due_at:
-                return
-            await handle.write(lambda job: job.refresh_outbox_due(self.retry_after_s))
+            due = handle.record.outbox_due_at
+            if due is not None and due <= now:
+                # Nothing is owed after all (another worker delivered it): stop the
+                # sweeper from finding this job again.
+                await handle.write(lambda job: job.refresh_outbox_due(self.retry_after_s))
             return
         reclaimed: list[str] = []
 
@@ -224,5 +227,5 @@ class Outbox:
 
         await handle.write(reclaim)
         if reclaimed:
-            log.info("outbox.republishing", job_id=record.id, items=len(reclaimed))
+            log.info("outbox.republishing", job_id=handle.job_id, items=len(reclaimed))
             await self.deliver(handle, reclaimed)
