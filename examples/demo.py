@@ -56,6 +56,9 @@ def worker_env(namespace: str) -> dict[str, str]:
             "TRANSFORM_AMQP_NAMESPACE": namespace,
             "TRANSFORM_AMQP_URL": AMQP_URL,
             "TRANSFORM_LOG_FORMAT": "json",
+            # Any free port, so that the demo never clashes with a worker already running.
+            "TRANSFORM_METRICS_HOST": "127.0.0.1",
+            "TRANSFORM_METRICS_PORT": "0",
         }
     )
     return env

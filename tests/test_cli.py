@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import queue
@@ -20,6 +21,7 @@ from typing import Any
 
 import pytest
 import uuid6
+from pypdf import PdfReader
 
 from tests.conftest import AMQP_URL, delete_topology
 from tests.factories import GOBL_DIR
@@ -46,6 +48,8 @@ def cli_env(tmp_path: Path, broker: str) -> Iterator[dict[str, str]]:
             "TRANSFORM_SQLITE_SYNCHRONOUS": "normal",
             "TRANSFORM_SHUTDOWN_GRACE_S": str(SHUTDOWN_GRACE_S),
             "TRANSFORM_SWEEP_INTERVAL_S": "0.1",
+            "TRANSFORM_METRICS_HOST": "127.0.0.1",
+            "TRANSFORM_METRICS_PORT": "0",
         }
     )
     yield env
@@ -264,3 +268,35 @@ def test_schemas_writes_files(cli_env: dict[str, str], tmp_path: Path) -> None:
     for name in SCHEMA_FILES:
         schema = json.loads((target / name).read_text(encoding="utf-8"))
         assert schema["$id"] == name
+
+
+PDF_WORKFLOW = """
+id: render
+steps:
+  - {id: pdf, action: pdf, config: {locale: es}}
+"""
+
+
+def test_jobs_attachment_writes_pdf(
+    cli_env: dict[str, str], tmp_path: Path, running: RunningCli
+) -> None:
+    workflow = tmp_path / "render.yaml"
+    workflow.write_text(PDF_WORKFLOW, encoding="utf-8")
+    assert cli(cli_env, "workflows", "put", workflow).returncode == 0
+    submitted = cli(cli_env, "submit", INVOICE_ENVELOPE, "--workflow", "render", "--wait", "20")
+    job = json.loads(submitted.stdout)
+    output = tmp_path / "out.pdf"
+
+    written = cli(cli_env, "jobs", "attachment", job["id"], "pdf", "-o", output)
+    missing = cli(cli_env, "jobs", "attachment", job["id"], "xml", "-o", tmp_path / "x")
+
+    attachment = job["attachments"][0]
+    assert written.returncode == 0
+    assert output.read_bytes().startswith(b"%PDF-")
+    assert output.stat().st_size == attachment["size"]
+    assert hashlib.sha256(output.read_bytes()).hexdigest() == attachment["hash"]
+    text = "".join(page.extract_text() for page in PdfReader(output).pages)
+    assert "SAMPLE-001" in text
+    assert "Factura" in text
+    assert missing.returncode == 1
+    assert "has no attachment 'xml'; it has: pdf" in missing.stderr
