@@ -93,8 +93,9 @@ class Store(Protocol):
         """Store ``job`` if the stored one still has ``expected_rev``; return whether it did.
 
         ``job.rev`` must already be the new revision. With ``entry``, the entry is
-        replaced too under the same rule, and False means neither was written on
-        SQLite; elsewhere the entry is written first.
+        replaced too under the same rule, and False means neither was written. SQLite
+        writes both in one transaction; MongoDB writes the entry first and puts its
+        previous version back when the job's compare-and-set misses.
         """
 
     async def due_jobs(self, now: datetime, limit: int) -> list[JobRecord]:
