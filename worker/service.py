@@ -58,7 +58,7 @@ class Worker:
         self.started = asyncio.Event()
         self.engine: Engine | None = None
         self._stop = asyncio.Event()
-        self._immediate = False
+        self._immediate = asyncio.Event()
         self._connection: AbstractRobustConnection | None = None
         self._store: Store | None = None
         self._http: httpx.AsyncClient | None = None
@@ -71,7 +71,7 @@ class Worker:
     def request_stop(self, *, immediate: bool = False) -> None:
         """Begin the shutdown; ``immediate`` skips the grace period for running jobs."""
         if immediate:
-            self._immediate = True
+            self._immediate.set()
         self._stop.set()
 
     async def run(self) -> None:
@@ -206,7 +206,13 @@ class Worker:
 
         consume_channel = await connection.channel(publisher_confirms=False)
         await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
-        queue = await consume_channel.get_queue(declared.jobs.name, ensure=False)
+        # Declared (with the same arguments) rather than fetched, because only a queue
+        # declared on a robust channel gets its consumer back after a reconnection.
+        queue = await consume_channel.declare_queue(
+            declared.jobs.name,
+            durable=True,
+            arguments=Topology.from_settings(self.settings).jobs_arguments(),
+        )
         consumer = Consumer(queue, engine)
         await consumer.start()
         self._set_consuming(True)
@@ -230,7 +236,7 @@ class Worker:
     async def _shutdown(self, consumer: Consumer | None, tasks: list[asyncio.Task[Any]]) -> None:
         """Stop in order: consuming, new work, running jobs, background loops, connections."""
         self.state = WorkerState.STOPPING
-        log.info("worker.stopping", immediate=self._immediate)
+        log.info("worker.stopping", immediate=self._immediate.is_set())
         # 1. No new commands: prefetched ones are requeued by their callbacks.
         if consumer is not None:
             await consumer.stop()
@@ -240,8 +246,8 @@ class Worker:
             await self.engine.stop_accepting()
             # 3. Running jobs get the grace period, then are cancelled and released
             #    so that another worker resumes them at once.
-            grace = 0.0 if self._immediate else self.settings.shutdown_grace_s
-            cancelled = await self.engine.drain(grace)
+            grace = 0.0 if self._immediate.is_set() else self.settings.shutdown_grace_s
+            cancelled = await self.engine.drain(grace, cut_short=self._immediate)
         # 4. Background loops.
         for task in tasks:
             task.cancel()

@@ -279,15 +279,16 @@ class Engine:
         self._wake_sweeper.set()
         await self.capacity.close()
 
-    async def drain(self, grace_s: float) -> int:
+    async def drain(self, grace_s: float, *, cut_short: asyncio.Event | None = None) -> int:
         """Wait up to ``grace_s`` for running jobs, then cancel and release the rest.
 
-        Returns how many jobs were cancelled.
+        Setting ``cut_short`` ends the wait at once (a second SIGTERM). Returns how many
+        jobs were cancelled.
         """
-        tasks = [task for _, task in self.running.values()]
-        if tasks:
-            log.info("worker.draining", running=len(tasks), grace_s=grace_s)
-            await asyncio.wait(tasks, timeout=grace_s)
+        pending: set[asyncio.Future[Any]] = {task for _, task in self.running.values()}
+        if pending:
+            log.info("worker.draining", running=len(pending), grace_s=grace_s)
+            await _wait_unless_cut_short(pending, grace_s, cut_short)
         leftovers = [task for _, task in self.running.values() if not task.done()]
         for task in leftovers:
             task.cancel()
@@ -301,3 +302,26 @@ class Engine:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         return len(leftovers)
+
+
+async def _wait_unless_cut_short(
+    pending: set[asyncio.Future[Any]], timeout_s: float, cut_short: asyncio.Event | None
+) -> None:
+    """Wait for every future, for ``timeout_s`` at most, or until ``cut_short`` is set."""
+    if cut_short is None:
+        await asyncio.wait(pending, timeout=timeout_s)
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    signal = asyncio.ensure_future(cut_short.wait())
+    try:
+        while pending and not cut_short.is_set():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            _, pending = await asyncio.wait(
+                pending | {signal}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            pending.discard(signal)
+    finally:
+        signal.cancel()
