@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,29 @@ from contracts import Workflow
 from contracts.timestamps import utc_now
 from worker.models import EntryRecord, JobRecord, OutboxItem, WorkflowRecord
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+def find_shared_data() -> Path:
+    """Return the shared test data folder: ``TRANSFORM_TEST_SHARED_DATA``, or the
+    ``shared/data`` folder next to the project root.
+
+    Raises instead of returning an empty folder, so that data-driven tests cannot pass
+    by running no cases.
+    """
+    configured = os.environ.get("TRANSFORM_TEST_SHARED_DATA")
+    folder = (
+        Path(configured)
+        if configured
+        else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    )
+    if not (folder / "gobl").is_dir() or not (folder / "c14n-vectors.json").is_file():
+        raise RuntimeError(
+            f"the shared GOBL test data is not in {folder}; set TRANSFORM_TEST_SHARED_DATA "
+            "to the folder that holds gobl/ and c14n-vectors.json"
+        )
+    return folder
+
+
+SHARED_DATA = find_shared_data()
 GOBL_DIR = SHARED_DATA / "gobl"
 
 

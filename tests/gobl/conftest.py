@@ -1,6 +1,7 @@
 """Shared test data: the canonical JSON vectors and real GOBL envelopes.
 
-The data folder sits next to the project root, outside the repository.
+The data folder sits next to the project root, outside the repository (see
+``tests.factories.find_shared_data``).
 Tests that take a ``vector`` argument run once per canonical JSON vector, and tests
 that take an ``envelope_path`` argument run once per stored GOBL envelope.
 """
@@ -13,8 +14,9 @@ from typing import Any
 
 import pytest
 
-# tests/gobl/conftest.py -> project root -> the data folder next to the project.
-DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from tests.factories import SHARED_DATA
+
+DATA_DIR = SHARED_DATA
 
 
 def _load_json(path: Path) -> Any:
