@@ -180,7 +180,7 @@ class TransformWorker(System):
         ns = self.namespace
         return Names(
             queues=[f"{ns}.jobs", f"{ns}.dead"],
-            exchanges=[f"{ns}.commands", f"{ns}.events", f"{ns}.dead"],
+            exchanges=[f"{ns}.commands", f"{ns}.unrouted", f"{ns}.events", f"{ns}.dead"],
         )
 
     def environment(self) -> dict[str, str]:

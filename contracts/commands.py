@@ -27,12 +27,18 @@ ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 TIME_BASED_VERSIONS = (7, 1)
 
 
+def quote(value: object, limit: int = 80) -> str:
+    """Return ``repr(value)``, cut to ``limit`` characters with an ellipsis when longer."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def canonical_uuid(value: str) -> str:
     """Return ``value`` as a canonical lowercase UUID string, or raise ValueError."""
     try:
         parsed = uuid.UUID(value)
     except (ValueError, AttributeError, TypeError):
-        raise ValueError(f"{value!r} is not a UUID") from None
+        raise ValueError(f"{quote(value)} is not a UUID") from None
     return str(parsed)
 
 
@@ -62,6 +68,7 @@ def _document_args_alias(schema: dict[str, Any]) -> None:
     properties = schema["properties"]
     properties["args"] = {**properties["meta"], "description": "Alias of meta"}
     schema["not"] = {"required": ["meta", "args"]}
+    schema["anyOf"] = [{"required": [name]} for name in ("silo_entry_id", "data", "meta", "args")]
 
 
 class CreateJob(BaseModel):

@@ -120,7 +120,7 @@ async def delete_topology(namespace: str) -> None:
         channel = await connection.channel()
         for queue in ("jobs", "dead"):
             await channel.queue_delete(f"{namespace}.{queue}")
-        for exchange in ("commands", "events", "dead"):
+        for exchange in ("commands", "unrouted", "events", "dead"):
             await channel.exchange_delete(f"{namespace}.{exchange}")
 
 

@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,11 @@ def broker() -> str:
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> None:
+def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
+    yield
+    structlog.reset_defaults()
 
 
 def fast_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -157,7 +159,7 @@ async def delete_topology(namespaces: set[str]) -> None:
             channel = await connection.channel()
             for queue in ("jobs", "dead"):
                 await channel.queue_delete(f"{namespace}.{queue}")
-            for exchange in ("commands", "events", "dead"):
+            for exchange in ("commands", "unrouted", "events", "dead"):
                 await channel.exchange_delete(f"{namespace}.{exchange}")
             await channel.close()
 

@@ -25,6 +25,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+#: Longest error message kept, in characters. Messages can quote what the caller sent,
+#: and they travel in AMQP headers, whose frames the broker caps at 128 KiB.
+MAX_MESSAGE_CHARS = 1000
+#: Longest field path kept in a fault.
+MAX_PATH_CHARS = 200
+
+
+def clip(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """Return ``text`` cut to ``limit`` characters, marking the cut with an ellipsis."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 @dataclass(frozen=True)
 class FaultDetail:
@@ -33,6 +44,11 @@ class FaultDetail:
     code: str
     message: str
     paths: Sequence[str] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", clip(self.code, MAX_PATH_CHARS))
+        object.__setattr__(self, "message", clip(self.message))
+        object.__setattr__(self, "paths", tuple(clip(p, MAX_PATH_CHARS) for p in self.paths))
 
 
 class TransformError(Exception):
@@ -52,9 +68,11 @@ class RejectedError(TransformError):
         faults: Sequence[FaultDetail] = (),
         job_id: str | None = None,
     ) -> None:
+        message = clip(message)
         super().__init__(message)
         self.message = message
-        self.faults = tuple(faults)
+        # A thousand faults of one bad command say nothing a hundred do not.
+        self.faults = tuple(faults)[:100]
         self.job_id = job_id
 
 

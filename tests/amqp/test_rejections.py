@@ -137,6 +137,34 @@ CASES = {
         ("none", "application/json"),
         {"content_type": None},
     ),
+    # Values far longer than any header frame: the rejection quotes them only in part.
+    "huge-id": Case(
+        {"id": "x" * 200_000, "workflow_id": "state", "meta": {}},
+        400,
+        "validation",
+        ("is not a UUID", "…"),
+    ),
+    "huge-field-name": Case(
+        {"workflow_id": "state", "meta": {}, "k" * 200_000: 1},
+        400,
+        "validation",
+        ("unknown field", "workflow_id"),
+    ),
+    # Numbers that parse but have no canonical JSON form, so no digest.
+    "infinite-number": Case(
+        b'{"workflow_id": "state", "data": {"$schema": "https://gobl.org/draft-0/bill/invoice",'
+        b' "x": 1e400}}',
+        422,
+        "validation",
+        ("canonical JSON", "finite"),
+    ),
+    "huge-integer": Case(
+        b'{"workflow_id": "state", "data": {"$schema": "https://gobl.org/draft-0/bill/invoice",'
+        b' "x": ' + b"9" * 400 + b"}}",
+        422,
+        "validation",
+        ("canonical JSON", "integers beyond 64 bits"),
+    ),
     "gzip-encoding": Case(
         {"workflow_id": "state", "meta": {"a": "1"}},
         415,
@@ -180,6 +208,9 @@ async def check_rejection(
     dead = await dead_letters.wait_for(lambda m: m.correlation_id == correlation_id)
     assert (dead.headers or {}).get("x-reject-reason") == error["message"]
     assert (dead.headers or {}).get("x-reject-status") == case.status
+    # Rejected on its first delivery: the command never crashed the handler.
+    assert (dead.headers or {}).get("x-delivery-count") == 0
+    assert len(error["message"]) <= 1000
 
     probe = await run_probe_job(client)
     assert probe.completed_at is not None
@@ -308,3 +339,18 @@ async def test_rejected_without_reply_to(
     assert raw.replies_to(correlation_id) == []
     assert len(dead_letters.messages) == 1
     assert len(events.of_type("job.rejected")) == 1
+
+
+async def test_unknown_routing_key_on_exchange(raw: RawCommands, dead_letters: Captured) -> None:
+    # No binding takes job.delete; the exchange's alternate exchange hands it to the worker.
+    reply = await raw.send(
+        {"workspace_id": "default", "id": str(uuid6.uuid7())}, routing_key="job.delete"
+    )
+
+    assert reply.type == "job.rejected"
+    assert reply_status(reply) == 400
+    assert "unknown routing key 'job.delete'" in reply_json(reply)["message"]
+    dead = await dead_letters.wait_for(
+        lambda m: m.headers.get("x-original-routing-key") == "job.delete"
+    )
+    assert "unknown routing key" in str(dead.headers["x-reject-reason"])

@@ -202,7 +202,13 @@ def test_yaml_file_parses(path: Path) -> None:
 
 def test_definitions_exchanges_match_topology() -> None:
     topology = default_topology()
-    expected = {topology.commands: "direct", topology.events: "topic", topology.dead: "fanout"}
+    expected = {
+        topology.commands: "direct",
+        topology.unrouted: "fanout",
+        topology.events: "topic",
+        topology.dead: "fanout",
+    }
+    arguments = {topology.commands: topology.commands_arguments()}
 
     exchanges = {exchange["name"]: exchange for exchange in definitions()["exchanges"]}
 
@@ -214,7 +220,7 @@ def test_definitions_exchanges_match_topology() -> None:
         assert exchange["durable"] is True, name
         assert exchange["auto_delete"] is False, name
         assert exchange["internal"] is False, name
-        assert exchange["arguments"] == {}, name
+        assert exchange["arguments"] == arguments.get(name, {}), name
 
 
 def test_definitions_queues_match_topology() -> None:
@@ -241,6 +247,9 @@ def test_definitions_bindings_match_topology() -> None:
     expected = {
         (topology.commands, topology.jobs, CREATE_JOB),
         (topology.commands, topology.jobs, GET_JOB),
+        # aio-pika binds with the queue's name when no routing key is given, as the
+        # worker does for the queues it binds to fanout exchanges.
+        (topology.unrouted, topology.jobs, topology.jobs),
         # aio-pika binds with the queue's name when no routing key is given, as the
         # worker does for the dead-letter queue.
         (topology.dead, topology.dead, topology.dead),

@@ -22,6 +22,10 @@ class Topology:
     """Names of the worker's exchanges and queues, all under one namespace prefix."""
 
     commands: str
+    #: Alternate exchange of ``commands``: messages with an unknown routing key reach
+    #: the work queue through it, so the worker rejects them instead of the broker
+    #: dropping them unseen.
+    unrouted: str
     jobs: str
     events: str
     dead: str
@@ -31,11 +35,15 @@ class Topology:
     def from_settings(cls, settings: Settings) -> Topology:
         return cls(
             commands=settings.exchange("commands"),
+            unrouted=settings.exchange("unrouted"),
             jobs=settings.exchange("jobs"),
             events=settings.exchange("events"),
             dead=settings.exchange("dead"),
             delivery_limit=settings.delivery_limit,
         )
+
+    def commands_arguments(self) -> dict[str, Any]:
+        return {"alternate-exchange": self.unrouted}
 
     def jobs_arguments(self) -> dict[str, Any]:
         return {
@@ -59,9 +67,22 @@ async def declare(channel: AbstractChannel, topology: Topology) -> Declared:
     Raises TopologyMismatch when the work queue exists with other arguments, which
     RabbitMQ refuses to change in place.
     """
-    commands = await channel.declare_exchange(
-        topology.commands, aio_pika.ExchangeType.DIRECT, durable=True
+    unrouted = await channel.declare_exchange(
+        topology.unrouted, aio_pika.ExchangeType.FANOUT, durable=True
     )
+    try:
+        commands = await channel.declare_exchange(
+            topology.commands,
+            aio_pika.ExchangeType.DIRECT,
+            durable=True,
+            arguments=topology.commands_arguments(),
+        )
+    except ChannelPreconditionFailed as exc:
+        raise TopologyMismatch(
+            f"exchange {topology.commands} exists with other arguments than "
+            f"{topology.commands_arguments()}; delete the exchange, and the worker declares "
+            "it again when it starts"
+        ) from exc
     events = await channel.declare_exchange(
         topology.events, aio_pika.ExchangeType.TOPIC, durable=True
     )
@@ -80,4 +101,5 @@ async def declare(channel: AbstractChannel, topology: Topology) -> Declared:
         ) from exc
     for routing_key in (CREATE_JOB, GET_JOB):
         await jobs.bind(commands, routing_key)
+    await jobs.bind(unrouted)
     return Declared(commands=commands, events=events, dead=dead, jobs=jobs)

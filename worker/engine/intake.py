@@ -20,7 +20,7 @@ import uuid6
 from pydantic import BaseModel, ValidationError
 
 from contracts import CreateJob, GetJob, Job
-from contracts.commands import time_based_uuid
+from contracts.commands import quote, time_based_uuid
 from contracts.timestamps import utc_now
 from worker.engine.handle import JobHandle
 from worker.engine.messages import JOB_ACCEPTED, Delivery
@@ -72,14 +72,14 @@ def decode(delivery: Delivery, model: type[BaseModel], max_bytes: int) -> Any:
         )
     media = (delivery.content_type or "").split(";")[0].strip().lower()
     if media != ACCEPTED_CONTENT_TYPE:
-        got = repr(delivery.content_type) if delivery.content_type else "none"
+        got = quote(delivery.content_type) if delivery.content_type else "none"
         raise UnsupportedMedia(
             f"content_type must be {ACCEPTED_CONTENT_TYPE}; got {got}",
             faults=[FaultDetail("unsupported-content-type", f"got {got}", ("content_type",))],
         )
     if delivery.content_encoding not in (None, "", "identity", "utf-8"):
         raise UnsupportedMedia(
-            f"content_encoding {delivery.content_encoding!r} is not supported; "
+            f"content_encoding {quote(delivery.content_encoding)} is not supported; "
             "send uncompressed UTF-8 JSON"
         )
     try:
@@ -139,7 +139,14 @@ def fingerprint(command: CreateJob) -> str:
     as it was parsed rather than through a copy, because it is the largest part.
     """
     fields = command.model_dump(mode="json", exclude={"wait", "id", "data"})
-    fields["data"] = None if command.data is None else digest(command.data)
+    try:
+        fields["data"] = None if command.data is None else digest(command.data)
+    except ValueError as exc:
+        raise Unprocessable(
+            f"data has no canonical JSON form: {exc}. Numbers must be finite, and integers "
+            "beyond 64 bits must fit in a double; GOBL writes amounts as strings",
+            faults=[FaultDetail("invalid-number", str(exc), ("data",))],
+        ) from exc
     return digest(fields)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import uuid6
 
+from contracts.commands import quote
 from worker.errors import DigestMismatch, FaultDetail, Unprocessable
 from worker.gobl.c14n import digest
 
@@ -152,7 +153,7 @@ def _normalise_existing(data: dict[str, Any]) -> dict[str, Any]:
         )
     head_uuid = head.get("uuid")
     if not is_uuid(head_uuid):
-        problem = "is missing" if head_uuid is None else f"is {head_uuid!r}"
+        problem = "is missing" if head_uuid is None else f"is {quote(head_uuid)}"
         raise _reject(
             "invalid-uuid",
             f"head.uuid {problem} but must be a UUID string",
@@ -219,7 +220,7 @@ def _check_document(doc: object) -> dict[str, Any]:
         raise _reject(
             "unsupported-schema",
             f"doc.$schema must be a GOBL document schema starting with "
-            f"{DOCUMENT_SCHEMA_PREFIX}, not {schema!r}",
+            f"{DOCUMENT_SCHEMA_PREFIX}, not {quote(schema, 120)}",
             "data.doc.$schema",
         )
     return doc
@@ -247,7 +248,7 @@ def _unsupported_schema(schema: object) -> Unprocessable:
         )
     return _reject(
         "unsupported-schema",
-        f"data.$schema {schema!r} is not a GOBL schema. {_ACCEPTED}",
+        f"data.$schema {quote(schema, 120)} is not a GOBL schema. {_ACCEPTED}",
         "data.$schema",
     )
 
