@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import random
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -13,9 +15,28 @@ from worker.store.base import Store
 
 Mutation = Callable[[JobRecord], None]
 
-#: Compare-and-set attempts before a write gives up. Only the runner and the outbox
-#: write a job, so more than a couple of misses in a row means something is wrong.
-MAX_WRITE_ATTEMPTS = 8
+#: Compare-and-set attempts before a write gives up. Misses come from other writers of
+#: the same job (a burst of duplicate commands registering replies, say); after the
+#: first few, each attempt waits a random moment of up to 50 ms so the writers spread.
+MAX_WRITE_ATTEMPTS = 60
+_BACKOFF_AFTER = 3
+_MAX_BACKOFF_S = 0.05
+
+
+#: One lock per job with a live handle in this process; it goes when the handles go.
+_JOB_LOCKS: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+
+def _job_lock(job_id: str) -> asyncio.Lock:
+    lock = _JOB_LOCKS.get(job_id)
+    if lock is None:
+        lock = asyncio.Lock()
+        _JOB_LOCKS[job_id] = lock
+    return lock
+
+
+class WriteContention(StoreUnavailable):
+    """Other writers of the same job kept winning; the write may succeed later."""
 
 
 class EntryChanged(TransientError):
@@ -31,15 +52,18 @@ class JobHandle:
     deltas ("append this intent", "mark this reply sent") rather than whole-record
     snapshots. A handle made with a ``fence`` belongs to the runner of that claim and
     raises ``FencedOut`` as soon as a newer claim exists. Writes through one handle
-    are serialised. Mutating in place, rather than a copy, keeps a write cheap: a
-    failed write marks the record stale, and the next write reads it again first.
+    are serialised, and so are writes through every handle of the same job in this
+    process: a burst of duplicate commands then queues behind the runner instead of
+    starving it of compare-and-set wins. Mutating in place, rather than a copy, keeps a
+    write cheap: a failed write marks the record stale, and the next write reads it
+    again first.
     """
 
     def __init__(self, store: Store, record: JobRecord, *, fence: int | None = None) -> None:
         self.store = store
         self.record = record
         self.fence = fence
-        self._lock = asyncio.Lock()
+        self._lock = _job_lock(record.id)
         self._stale = False
         self._deferred: list[Mutation] = []
 
@@ -68,7 +92,10 @@ class JobHandle:
                 await self._reload_stale()
             record = self.record
             deferred = list(self._deferred)
-            for _ in range(MAX_WRITE_ATTEMPTS):
+            for attempt in range(MAX_WRITE_ATTEMPTS):
+                if attempt >= _BACKOFF_AFTER:
+                    ceiling = min(_MAX_BACKOFF_S, 0.001 * 2 ** (attempt - _BACKOFF_AFTER))
+                    await asyncio.sleep(random.uniform(0, ceiling))
                 expected = record.rev
                 self._stale = True
                 for earlier in deferred:
@@ -88,8 +115,8 @@ class JobHandle:
                 record.rev = expected
                 record = await self._reload(record, entry_given=entry is not None)
                 self.record = record
-            raise StoreUnavailable(
-                f"job {record.id}: gave up after {MAX_WRITE_ATTEMPTS} conflicting writes"
+            raise WriteContention(
+                f"job {record.id}: {MAX_WRITE_ATTEMPTS} writes in a row lost to other writers"
             )
 
     async def _reload_stale(self) -> None:
