@@ -157,3 +157,15 @@ async def test_prometheus_format_parses(worker: RunningWorker) -> None:
         "transform_jobs_in_flight",
         "transform_consumer_connected",
     } <= names
+
+
+async def test_undeliverable_rejection_counted(worker: RunningWorker, raw: RawCommands) -> None:
+    await raw.publish(b"not json", reply_to="no-such-queue-for-rejections")
+
+    for _ in range(100):
+        text = (await get(worker.worker, "/metrics")).text
+        if sample(text, "transform_replies_undeliverable_total") == 1:
+            break
+        await asyncio.sleep(0.05)
+
+    assert sample(text, "transform_replies_undeliverable_total") == 1

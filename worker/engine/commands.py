@@ -199,15 +199,7 @@ class Commands:
             delivery.correlation_id,
             headers,
         )
-        if not await self.publisher.publish_reply(message):
-            self.metrics.replies_undeliverable.inc()
-            log.warning(
-                "reply.undeliverable",
-                job_id=job_id,
-                reply_to=delivery.reply_to,
-                correlation_id=delivery.correlation_id,
-                reply_type=reply_type,
-            )
+        await self._send_reply(message, job_id=job_id)
 
     async def _reject(self, delivery: Delivery, exc: RejectedError) -> Settlement:
         self.metrics.commands_rejected.labels(exc.key, str(exc.status)).inc()
@@ -230,20 +222,30 @@ class Commands:
             self.publisher.publish_dead_letter(delivery, reason=exc.message, status=exc.status),
         ]
         if delivery.reply_to:
-            publishes.append(
-                self.publisher.publish_reply(
-                    Outgoing(
-                        delivery.reply_to,
-                        JOB_REJECTED,
-                        body,
-                        str(uuid6.uuid7()),
-                        delivery.correlation_id,
-                        headers,
-                    )
-                )
+            reply = Outgoing(
+                delivery.reply_to,
+                JOB_REJECTED,
+                body,
+                str(uuid6.uuid7()),
+                delivery.correlation_id,
+                headers,
             )
+            publishes.append(self._send_reply(reply, job_id=exc.job_id))
         await asyncio.gather(*publishes)
         return Settlement.ACK
+
+    async def _send_reply(self, message: Outgoing, *, job_id: str | None) -> None:
+        """Publish a reply that is not on a job's outbox; log and count it if returned."""
+        if await self.publisher.publish_reply(message):
+            return
+        self.metrics.replies_undeliverable.inc()
+        log.warning(
+            "reply.undeliverable",
+            job_id=job_id,
+            reply_to=message.routing_key,
+            correlation_id=message.correlation_id,
+            reply_type=message.type,
+        )
 
     async def _crashed(self, delivery: Delivery, exc: Exception) -> Settlement:
         """Handle a command that raised unexpectedly: requeue it, or give up on it."""
