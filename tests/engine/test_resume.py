@@ -130,7 +130,10 @@ async def test_immediate_stop_releases_job(
     assert stored.due_at is not None
     # The stop released the job at once instead of leaving it until the 2 s lease ends.
     assert stored.due_at <= utc_now()
-    assert step_ids(stored.intents) == ["a"]
+    assert step_ids(stored.intents) == ["a", "hold"]
+    # The held step was written as started (RUN) before it ran, and never finished.
+    assert stored.intents[1].completed is False
+    assert stored.intents[1].events[-1].status == "RUN"
 
 
 async def test_graceful_stop_finishes_job(start_worker: WorkerFactory, settings: Settings) -> None:

@@ -233,6 +233,17 @@ class Recorder:
         if write_now:
             await self.flush(state)
 
+    async def record_start(self, intent: Intent, state: RunState) -> None:
+        """Write pending progress and the step's open intent, with the job's status RUN."""
+        started = intent.model_copy()
+
+        def record(job: JobRecord) -> None:
+            put_intent(job, started)
+            job.status = Status.RUN
+            job.updated_at = started.updated_at
+
+        await self.flush(state, extra=record)
+
     async def _insert_entry(self, staged: EntryRecord) -> None:
         staged.rev = 0
         existing = await self.store.insert_entry(staged)

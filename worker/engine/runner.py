@@ -194,9 +194,11 @@ class Runner:
             return preset
 
         assert spec is not None
+        add_event(intent, Status.RUN)
         if not spec.idempotent:
-            # Earlier results reach the store before an action with outside effects runs.
-            await self.recorder.flush(state)
+            # Earlier results reach the store before an action with outside effects runs,
+            # with this step's RUN event, so the job shows what it is waiting for.
+            await self.recorder.record_start(intent, state)
         result = await self._execute(step, spec, intent, state)
         if result is None:
             return None
@@ -233,7 +235,6 @@ class Runner:
         self, step: Step, spec: ActionSpec, intent: Intent, state: RunState
     ) -> ActionResult | None:
         """Run the action with in-place retries; None means the job was rescheduled."""
-        add_event(intent, Status.RUN)
         try:
             config = spec.parse_config(step.config)
         except ValidationError as exc:
