@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Literal
+from typing import Literal, TextIO
 
 import structlog
 
@@ -22,11 +22,26 @@ LIBRARY_LEVELS = {
     "aio_pika": logging.WARNING,
     "aiormq": logging.WARNING,
     "pymongo": logging.WARNING,
+    # httpx logs every request's full URL at INFO, user info and query included, and
+    # webhook URLs can carry credentials there.
+    "httpx": logging.WARNING,
+    "httpcore": logging.WARNING,
 }
 
 
-def configure_logging(log_format: LogFormat = "json", level: str = "info") -> None:
-    """Route structlog and the standard library's logging to stdout in one format."""
+def configure_logging(
+    log_format: LogFormat = "json",
+    level: str = "info",
+    *,
+    stream: TextIO | None = None,
+    cache_loggers: bool = True,
+) -> None:
+    """Route structlog and the standard library's logging to ``stream`` in one format.
+
+    ``stream`` defaults to stdout. Tests pass their own stream and ``cache_loggers=False``
+    so that no logger keeps writing to it after they reset the configuration.
+    """
+    output = stream if stream is not None else sys.stdout
     numeric = logging.getLevelNamesMapping()[level.upper()]
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -48,11 +63,11 @@ def configure_logging(log_format: LogFormat = "json", level: str = "info") -> No
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
-        cache_logger_on_first_use=True,
+        logger_factory=structlog.PrintLoggerFactory(output),
+        cache_logger_on_first_use=cache_loggers,
     )
 
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(output)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +22,7 @@ from contracts.client import JobsClient
 from tests.conftest import AMQP_URL, RunningWorker, WorkerFactory, fast_settings
 from tests.factories import load_envelope
 from worker.actions.webhook import delivery_id, redact_url
+from worker.logs import configure_logging
 
 
 @dataclass
@@ -256,3 +259,25 @@ async def test_restart_while_waiting_keeps_job(
     assert done.status is Status.OK
     assert len(http_server.hooks["/later"].calls) == 2
     assert done.intents[0].events[-1].status is Status.OK
+
+
+async def test_library_logs_hide_webhook_url(
+    hook_worker: RunningWorker, http_server: HookServer
+) -> None:
+    # The worker's own logging set-up, as `transform-worker run` has it: structlog and
+    # the standard library's loggers (httpx among them) write JSON lines to one stream.
+    output = io.StringIO()
+    configure_logging("json", "debug", stream=output, cache_loggers=False)
+    url = http_server.hook("/quiet", Reply(200)).replace("http://", "http://user:hunter2@")
+    await hook_worker.put_workflow(webhook_workflow(url + "?sig=s3cr3t"))
+    try:
+        job = await run_job(hook_worker)
+    finally:
+        logging.getLogger().handlers.clear()
+        structlog.reset_defaults()
+    printed = output.getvalue()
+
+    assert job.status is Status.OK
+    assert '"event": "step.finished"' in printed
+    assert "hunter2" not in printed
+    assert "s3cr3t" not in printed
