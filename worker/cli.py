@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from aiormq.exceptions import AMQPError
 from pydantic import ValidationError
 
-from contracts.client import JobRejected, JobsClient, ReplyTimeout
+from contracts.client import CommandNotRouted, JobRejected, JobsClient, ReplyTimeout
 from contracts.schemas import DEFAULT_DIR, write_schemas
 from worker.actions.registry import default_registry
-from worker.errors import RejectedError
+from worker.errors import RejectedError, TransientError
 from worker.logs import configure_logging
 from worker.service import Worker
 from worker.settings import Settings
@@ -46,7 +47,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(handler(args, settings))
     except RejectedError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+    except json.JSONDecodeError as exc:
+        print(f"error: the file is not valid JSON: {exc}", file=sys.stderr)
+    except OSError as exc:
+        # Unreadable files, and a broker or store that cannot be reached.
+        print(f"error: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"error: invalid argument: {_first_problem(exc)}", file=sys.stderr)
+    except (AMQPError, TransientError, CommandNotRouted) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 1
+
+
+def _first_problem(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         "Settings come from TRANSFORM_* environment variables.",
         epilog="submit and jobs show exit with 0 when the job completed, 1 when the command "
         f"was rejected or no reply came, {EXIT_FAILED} when the job failed and "
-        f"{EXIT_PENDING} when it is still running.",
+        f"{EXIT_PENDING} when it is still running. Every command exits with 1 on an error "
+        "and 2 on invalid usage.",
     )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -165,8 +183,11 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _show(args: argparse.Namespace, settings: Settings) -> int:
-    if (args.id is None) == (args.key is None):
-        print("error: give a job id or --key, not both", file=sys.stderr)
+    if args.id is None and args.key is None:
+        print("error: give a job id or --key KEY", file=sys.stderr)
+        return 2
+    if args.id is not None and args.key is not None:
+        print("error: give a job id or --key KEY, not both", file=sys.stderr)
         return 2
 
     async def show() -> Any:
