@@ -40,6 +40,9 @@ from systems import SYSTEMS, System
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATA = systems.ROOT.parent / "shared" / "data" / "gobl"
 DEFAULT_OUTPUT = systems.BENCH_DIR / "RESULTS.md"
+#: Line in RESULTS.md after which the text is written by hand (the optimisation log);
+#: a new run replaces what comes before it and keeps the rest.
+HANDWRITTEN_MARKER = "<!-- Written by hand below this line; bench/run.py keeps it. -->"
 
 #: Jobs in flight for the deep-backlog run of transform-worker.
 WIDE_WINDOW = 1000
@@ -361,9 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     facts["load average at end (1, 5, 15 min)"] = processes.load_average()
     report = render(rows, args, facts)
     print(report)
-    args.output.write_text(report, encoding="utf-8")
+    args.output.write_text(keep_handwritten(report, args.output), encoding="utf-8")
     print(f"written to {args.output}", file=sys.stderr)
     return 0 if rows and all(row.problems == 0 and row.rate_per_s > 0 for row in rows) else 1
+
+
+def keep_handwritten(report: str, path: Path) -> str:
+    """Return the new report followed by the hand-written part of the existing file."""
+    kept = HANDWRITTEN_MARKER + "\n"
+    if path.exists():
+        existing = path.read_text(encoding="utf-8")
+        if HANDWRITTEN_MARKER in existing:
+            kept = existing[existing.index(HANDWRITTEN_MARKER) :]
+    return report.rstrip() + "\n\n" + kept
 
 
 if __name__ == "__main__":
