@@ -25,10 +25,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-#: Longest error message kept, in characters. Messages can quote what the caller sent,
-#: and they travel in AMQP headers, whose frames the broker caps at 128 KiB.
+#: Maximum length of an error message, in characters. Messages can quote what the caller
+#: sent, and they travel in AMQP headers, whose frames the broker caps at 128 KiB.
 MAX_MESSAGE_CHARS = 1000
-#: Longest field path kept in a fault.
+#: Maximum length of a field path in a fault, in characters.
 MAX_PATH_CHARS = 200
 
 
@@ -71,7 +71,7 @@ class RejectedError(TransformError):
         message = clip(message)
         super().__init__(message)
         self.message = message
-        # A thousand faults of one bad command say nothing a hundred do not.
+        # A hundred faults describe one bad command as well as a thousand would.
         self.faults = tuple(faults)[:100]
         self.job_id = job_id
 

@@ -1,10 +1,10 @@
 """Structured logging: one JSON object per line on stdout, or a console layout for people.
 
-Level policy: debug for message settlement and broker internals; info for lifecycle,
-accepted and finished jobs, and expected rejections; warning for retries, lost
-connections, dead letters and undeliverable replies; error only for failures nobody
-expected, with the traceback logged once where they are handled. Document contents
-and credentials are never logged.
+Level policy: debug for message settlement and broker internals, info for lifecycle,
+accepted and finished jobs and expected rejections, and warning for retries, lost
+connections, dead letters and undeliverable replies. Error is only for unexpected
+failures, with the traceback logged once where they are handled. Document contents and
+credentials are never logged.
 """
 
 from __future__ import annotations

@@ -159,7 +159,7 @@ class Worker:
         try:
             await asyncio.wait_for(self._store.ping(), timeout=2)
         except Exception as exc:
-            # Whatever the reason, a store that cannot answer a ping makes us unready.
+            # Whatever the reason, a store that fails a ping makes the worker unready.
             return f"store does not answer: {exc!r}"
         return None
 

@@ -295,10 +295,14 @@ class Recorder:
         """
         now = utc_now()
         attempt = state.attempts + 1
-        explicit = queued.retry_in_s if queued is not None else error.retry_in_s if error else None
+        explicit: float | None = None
+        reason: str | None = None
+        if queued is not None:
+            explicit, reason = queued.retry_in_s, queued.message
+        elif error is not None:
+            explicit, reason = error.retry_in_s, error.message
         delay = explicit or retry_delay_s(attempt, self.settings)
         waited = (now - intent.created_at).total_seconds()
-        reason = queued.message if queued is not None else error.message if error else None
         if waited + delay > self.settings.retry_total_s:
             return ActionResult(
                 Status.KO,

@@ -170,7 +170,7 @@ def _normalise_existing(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _wrap_document(data: dict[str, Any]) -> dict[str, Any]:
-    # The envelope holds ``data`` itself as its document: no copy is made.
+    # The envelope uses ``data`` itself as its document: no copy is made.
     return {
         "$schema": ENVELOPE_SCHEMA,
         "head": _new_head(_digest_document(data)),

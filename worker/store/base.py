@@ -20,11 +20,11 @@ class InsertStatus(StrEnum):
     """Result of inserting a job."""
 
     CREATED = "created"
-    #: A job with this id exists; ``existing`` holds it (any workspace).
+    #: A job with this id exists; ``existing`` is that job (in any workspace).
     ID_TAKEN = "id_taken"
-    #: Another job of the workspace holds the key; ``existing`` holds it.
+    #: Another job of the workspace has the key; ``existing`` is that job.
     KEY_TAKEN = "key_taken"
-    #: The entry to insert with the job exists already; ``entry`` holds it.
+    #: The entry to insert with the job exists already; ``entry`` is the stored one.
     ENTRY_TAKEN = "entry_taken"
 
 
@@ -60,7 +60,7 @@ class Store(Protocol):
         """Release the connection; safe to call twice."""
 
     async def ping(self) -> None:
-        """Raise StoreUnavailable unless the database answers."""
+        """Raise StoreUnavailable unless the database responds."""
 
     # Jobs
 
