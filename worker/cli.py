@@ -216,7 +216,7 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
 
 def _attachment(args: argparse.Namespace, settings: Settings) -> int:
     async def fetch() -> str | None:
-        store = create_store(settings.store_url, sqlite_synchronous=settings.sqlite_synchronous)
+        store = create_store(settings)
         await store.open()
         try:
             job = await store.get_job(args.id)
@@ -247,7 +247,7 @@ def _put(args: argparse.Namespace, settings: Settings) -> int:
     registry = default_registry()
 
     async def put() -> None:
-        store = create_store(settings.store_url, sqlite_synchronous=settings.sqlite_synchronous)
+        store = create_store(settings)
         await store.open()
         try:
             for workflow in workflows:
@@ -262,7 +262,7 @@ def _put(args: argparse.Namespace, settings: Settings) -> int:
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     async def listing() -> None:
-        store = create_store(settings.store_url, sqlite_synchronous=settings.sqlite_synchronous)
+        store = create_store(settings)
         await store.open()
         try:
             for record in await store.list_workflows(args.workspace):

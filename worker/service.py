@@ -141,9 +141,7 @@ class Worker:
         return None
 
     async def _open_store(self) -> Store:
-        store = create_store(
-            self.settings.store_url, sqlite_synchronous=self.settings.sqlite_synchronous
-        )
+        store = create_store(self.settings)
         await store.open()
         self._store = store
         return store

@@ -33,6 +33,12 @@ class Settings(BaseSettings):
         default="full",
         description="full: every commit survives a power cut; normal: a process crash only",
     )
+    sqlite_busy_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long SQLite waits for another process's write lock before a write "
+        "fails and is retried",
+    )
     data_dir: Path = Field(
         default=Path("./data"), description="Folder for the generated signing key"
     )

@@ -102,7 +102,8 @@ async def exclusive_lock(path: Path) -> AsyncIterator[LockHolder]:
 
 async def test_sqlite_lock_holds_ack(cluster: WorkerCluster, rabbit_node: RabbitNode) -> None:
     await cluster.put_workflows(STATE_WORKFLOW)
-    worker = await cluster.start_ready()
+    # A short busy timeout, so that the lock shows as store.unavailable within a second.
+    worker = await cluster.start_ready(sqlite_busy_timeout_s="1")
     replies = await cluster.inbox("test-replies")
     publisher = cluster.publisher()
     envelope = load_envelope()

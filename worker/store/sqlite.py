@@ -103,15 +103,20 @@ def _time(value: datetime | None) -> str | None:
 class SqliteStore:
     """A ``Store`` on one SQLite file."""
 
-    def __init__(self, path: Path, *, synchronous: Synchronous = "full") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: Synchronous = "full", busy_timeout_s: float = 10.0
+    ) -> None:
         self.path = path
         self._synchronous = synchronous
+        self._busy_timeout_s = busy_timeout_s
         self._writer: ConnectionThread | None = None
         self._reader: ConnectionThread | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, synchronous: Synchronous = "full") -> SqliteStore:
-        return cls(path_from_url(url), synchronous=synchronous)
+    def from_url(
+        cls, url: str, *, synchronous: Synchronous = "full", busy_timeout_s: float = 10.0
+    ) -> SqliteStore:
+        return cls(path_from_url(url), synchronous=synchronous, busy_timeout_s=busy_timeout_s)
 
     # Plumbing
 
@@ -145,9 +150,9 @@ class SqliteStore:
             raise StoreUnavailable(f"cannot create the folder of {self.path}: {exc}") from exc
 
         def connect_both() -> tuple[sqlite3.Connection, sqlite3.Connection]:
-            writer = connect(self.path, self._synchronous)
+            writer = connect(self.path, self._synchronous, self._busy_timeout_s)
             writer.executescript(SCHEMA)
-            return writer, connect(self.path, self._synchronous)
+            return writer, connect(self.path, self._synchronous, self._busy_timeout_s)
 
         try:
             writer, reader = await asyncio.to_thread(connect_both)

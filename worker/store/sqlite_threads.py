@@ -28,10 +28,11 @@ MAX_BATCH = 256
 Operation = Callable[[sqlite3.Connection], Any]
 
 
-def connect(path: Path, synchronous: str) -> sqlite3.Connection:
-    """Open a connection in autocommit mode, WAL, with a 10 s busy timeout."""
+def connect(path: Path, synchronous: str, busy_timeout_s: float = 10.0) -> sqlite3.Connection:
+    """Open a connection in autocommit mode and WAL, waiting up to ``busy_timeout_s``
+    for another process's lock before an operation fails with "database is locked"."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
     return conn
