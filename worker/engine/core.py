@@ -224,14 +224,19 @@ class Engine:
             for record in await self.store.due_jobs(now, self.capacity.free):
                 if record.id in self.running or not self.capacity.try_acquire():
                     continue
-                handle = await claim(
-                    self.store, record, owner=self.owner, lease_s=self.settings.lease_s
-                )
-                workflow = await self._workflow(record) if handle else None
-                if handle is None or workflow is None:
-                    await self.capacity.release()
-                    continue
-                self._start(handle, workflow.workflow, accepted=False)
+                started = False
+                try:
+                    handle = await claim(
+                        self.store, record, owner=self.owner, lease_s=self.settings.lease_s
+                    )
+                    workflow = await self._workflow(record) if handle else None
+                    if handle is not None and workflow is not None:
+                        self._start(handle, workflow.workflow, accepted=False)
+                        started = True
+                finally:
+                    # A claim that failed, or raised, must not keep the slot it took.
+                    if not started:
+                        await self.capacity.release()
         for record in await self.store.due_outboxes(now, 100):
             await self.outbox.recover(JobHandle(self.store, record))
 
