@@ -8,6 +8,8 @@ published rejection).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import uuid
 from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, TypeVar
@@ -61,6 +63,28 @@ class Settlement(Enum):
     REQUEUE = "requeue"
 
 
+def command_message_id(delivery: Delivery, purpose: str) -> str:
+    """Return the message id of a reply or event about a command that has no job.
+
+    Every delivery of the same command gets the same id, so a caller can drop the copy a
+    redelivery produces. A command with neither a message id nor a correlation id
+    cannot be told apart from a new one and gets a fresh id.
+    """
+    if delivery.message_id is None and delivery.correlation_id is None:
+        return str(uuid6.uuid7())
+    seed = "/".join(
+        (
+            "transform-worker",
+            purpose,
+            delivery.routing_key,
+            delivery.message_id or "",
+            delivery.correlation_id or "",
+            hashlib.sha256(delivery.body).hexdigest(),
+        )
+    )
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, seed))
+
+
 class Commands:
     """Handles the commands of one worker process."""
 
@@ -105,13 +129,23 @@ class Commands:
                     f"commands are {CREATE_JOB} and {GET_JOB}"
                 )
             except RejectedError as exc:
-                return await self._reject(delivery, exc)
+                return await self._settle_rejection(delivery, exc)
             except (StoreUnavailable, TransientError) as exc:
                 # Only reached while stopping: the message goes back for another worker.
                 log.warning("command.requeued", error=str(exc))
                 return Settlement.REQUEUE
             except Exception as exc:
                 return await self._crashed(delivery, exc)
+
+    async def _settle_rejection(self, delivery: Delivery, exc: RejectedError) -> Settlement:
+        """Reject a command; requeue it when the rejection itself cannot be published."""
+        try:
+            return await self._reject(delivery, exc)
+        except TransientError as error:
+            # The reply or the dead letter did not reach the broker: the command goes
+            # back to the queue and is rejected again on its next delivery.
+            log.warning("command.requeued", error=str(error))
+            return Settlement.REQUEUE
 
     async def _create(self, delivery: Delivery) -> Settlement:
         command: CreateJob = decode(delivery, CreateJob, self.settings.max_message_bytes)
@@ -195,7 +229,7 @@ class Commands:
             delivery.reply_to,
             reply_type,
             body,
-            str(uuid6.uuid7()),
+            command_message_id(delivery, "reply"),
             delivery.correlation_id,
             headers,
         )
@@ -215,10 +249,11 @@ class Commands:
         headers: dict[str, str | int] = {"x-status": exc.status}
         if exc.job_id:
             headers["x-job-id"] = exc.job_id
+        event = Outgoing(
+            JOB_REJECTED, JOB_REJECTED, body, command_message_id(delivery, "event"), headers=headers
+        )
         publishes: list[Awaitable[Any]] = [
-            self.publisher.publish_event(
-                Outgoing(JOB_REJECTED, JOB_REJECTED, body, str(uuid6.uuid7()), headers=headers)
-            ),
+            self._publish_event_if_possible(event),
             self.publisher.publish_dead_letter(delivery, reason=exc.message, status=exc.status),
         ]
         if delivery.reply_to:
@@ -226,13 +261,24 @@ class Commands:
                 delivery.reply_to,
                 JOB_REJECTED,
                 body,
-                str(uuid6.uuid7()),
+                command_message_id(delivery, "reply"),
                 delivery.correlation_id,
                 headers,
             )
             publishes.append(self._send_reply(reply, job_id=exc.job_id))
         await asyncio.gather(*publishes)
         return Settlement.ACK
+
+    async def _publish_event_if_possible(self, event: Outgoing) -> None:
+        """Publish a rejection event; a failure is logged but does not hold the command.
+
+        A rejected command leaves no job whose outbox could keep the event for later, and
+        a listener's full queue must not keep the caller from its reply.
+        """
+        try:
+            await self.publisher.publish_event(event)
+        except TransientError as exc:
+            log.warning("event.publish_failed", event_type=event.type, error=str(exc))
 
     async def _send_reply(self, message: Outgoing, *, job_id: str | None) -> None:
         """Publish a reply that is not on a job's outbox; log and count it if returned."""
@@ -262,7 +308,7 @@ class Commands:
             f"the command failed {delivery.delivery_count + 1} times and was dead-lettered; "
             f"last error: {type(exc).__name__}: {exc}"
         )
-        return await self._reject(delivery, rejection)
+        return await self._settle_rejection(delivery, rejection)
 
     async def _retry_store(self, operation: Callable[[], Awaitable[T]]) -> T:
         """Run a store operation until it succeeds, backing off up to 5 s between tries.
