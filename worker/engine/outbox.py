@@ -124,6 +124,10 @@ class Outbox:
         self, public: JobRecord, body: bytes, item: OutboxItem
     ) -> tuple[str, str | None]:
         message_type = item.message_type or JOB_COMPLETED
+        if item.kind == "reply" and message_type == JOB_PENDING and public.completed_at:
+            # A pending reply that only gets out after the job finished (its first
+            # publish failed) goes as the result: a pending reply never shows a finish.
+            message_type = JOB_COMPLETED
         headers = job_headers(public)
         if item.kind == "event":
             await self.publisher.publish_event(
