@@ -53,7 +53,15 @@ class JobRejected(Exception):
 
 
 class ReplyTimeout(TimeoutError):
-    """No reply arrived within the client-side timeout."""
+    """No reply arrived within the client-side timeout.
+
+    ``job_id`` is the id the command carried, when it was a ``job.create``: send the
+    command again with that ``id`` (or ``get_job(id=…)``) to reach the same job.
+    """
+
+    def __init__(self, message: str, *, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
 
 
 class CommandNotRouted(ConnectionError):
@@ -154,7 +162,10 @@ class JobsClient:
     ) -> Job:
         """Publish a ``job.create`` command and return the job from its reply."""
         body = _command_body(command, wait)
-        reply = await self.request(CREATE_JOB, body, message_id=body["id"], timeout_s=timeout_s)
+        try:
+            reply = await self.request(CREATE_JOB, body, message_id=body["id"], timeout_s=timeout_s)
+        except ReplyTimeout as exc:
+            raise ReplyTimeout(str(exc), job_id=body["id"]) from None
         return _job_from(reply)
 
     async def get_job(

@@ -135,3 +135,17 @@ async def _connection_pid(client: JobsClient) -> str:
         if client.connection_name in line:
             return line.split()[0]
     raise AssertionError(f"no connection named {client.connection_name!r}")
+
+
+async def test_timeout_names_job_for_retry(worker: RunningWorker) -> None:
+    await worker.put_workflow(WORKFLOW)
+    await worker.stop()
+    namespace = worker.settings.amqp_namespace
+    command = {"workflow_id": "invoice", "data": load_envelope()}
+
+    async with JobsClient(AMQP_URL, namespace=namespace, timeout_s=0.3) as client:
+        with pytest.raises(ReplyTimeout) as timed_out:
+            await client.create_job(command)
+
+    assert timed_out.value.job_id is not None
+    assert "id" not in command
