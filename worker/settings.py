@@ -114,6 +114,12 @@ class Settings(BaseSettings):
         default=1280.0, gt=0, description="Delays double from retry_first_s up to this"
     )
     retry_steady_s: float = Field(default=1800.0, gt=0, description="Delay after doubling ends")
+    retry_max_attempts: int = Field(
+        default=100,
+        ge=1,
+        description="Rescheduled attempts of one step before it ends with KO, whatever "
+        "delays the action asked for",
+    )
     retry_total_s: float = Field(
         default=12 * 3600.0, gt=0, description="A step failing this long ends with KO"
     )

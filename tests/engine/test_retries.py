@@ -192,3 +192,33 @@ def test_retry_schedule_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert delays[:9] == [5, 10, 20, 40, 80, 160, 320, 640, 1280]
     assert delays[9:] == [1800, 1800, 1800]
     assert settings.retry_total_s == 12 * 3600
+
+
+@pytest.mark.parametrize("overrides", [{"retry_first_s": 0.4}])
+async def test_retry_in_floored_at_first_delay(worker: RunningWorker, raw: RawCommands) -> None:
+    # An action asking to run again at once waits the schedule's first delay all the same.
+    await worker.put_workflow(flaky_workflow(failures=1, retry_in_s=0.0))
+    job_id = new_id()
+    correlation_id = await raw.publish(command(job_id))
+
+    waiting = await poll_job(worker.store, job_id, lambda job: job.status is Status.ERR)
+    job = await reply_job(raw, correlation_id)
+
+    assert waiting.next_attempt_at is not None
+    error_event = waiting.intents[0].events[-1]
+    delay_s = (waiting.next_attempt_at - error_event.at).total_seconds()
+    assert delay_s == pytest.approx(0.4, abs=0.01)
+    assert job.status is Status.OK
+
+
+@pytest.mark.parametrize("overrides", [{"retry_max_attempts": 2, "retry_total_s": 3600.0}])
+async def test_retry_attempts_capped(worker: RunningWorker, raw: RawCommands) -> None:
+    await worker.put_workflow(flaky_workflow(failures=1000, retry_in_s=0.05))
+
+    _, job = await submit(raw, command())
+
+    intent = intent_of(job.intents, "a")
+    assert job.status is Status.KO
+    assert intent.events[-1].code == "retries-exhausted"
+    assert "failed 2 times" in (intent.events[-1].message or "")
+    assert calls(job.id, "a") == 3

@@ -301,8 +301,19 @@ class Recorder:
             explicit, reason = queued.retry_in_s, queued.message
         elif error is not None:
             explicit, reason = error.retry_in_s, error.message
-        delay = explicit or retry_delay_s(attempt, self.settings)
+        if explicit is None:
+            delay = retry_delay_s(attempt, self.settings)
+        else:
+            # An action may name its delay, but not below the schedule's first step: a
+            # Retry-After of 0 s would otherwise retry as fast as the sweeper runs.
+            delay = max(explicit, self.settings.retry_first_s)
         waited = (now - intent.created_at).total_seconds()
+        if attempt > self.settings.retry_max_attempts:
+            return ActionResult(
+                Status.KO,
+                "retries-exhausted",
+                f"step failed {attempt - 1} times over {waited:.0f} s; last error: {reason}",
+            )
         if waited + delay > self.settings.retry_total_s:
             return ActionResult(
                 Status.KO,
