@@ -37,6 +37,8 @@ async def enumerate_document(ctx: StepContext[EnumerateConfig]) -> ActionResult:
         return ko("no-entry", "the job has no document to number")
     if is_signed(envelope):
         return ko("envelope-signed", "a signed envelope cannot be numbered again")
+    # NOTE: if the step times out after the store assigned the number, the number stays
+    # tied to this entry and reaches no document unless the entry is numbered again.
     number = await ctx.services.numbers.assign(ctx.config.name, start=ctx.config.start)
     code = format_code(ctx.config, number)
     previous = document_code(envelope)
