@@ -40,8 +40,8 @@ from systems import SYSTEMS, System
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_DATA = systems.ROOT.parent / "shared" / "data" / "gobl"
 DEFAULT_OUTPUT = systems.BENCH_DIR / "RESULTS.md"
-#: Line in RESULTS.md after which the text is written by hand (the optimisation log);
-#: a new run replaces what comes before it and keeps the rest.
+#: Line in RESULTS.md after which the text is written by hand (the optimisation log).
+#: A new run replaces what comes before the line and keeps the rest.
 HANDWRITTEN_MARKER = "<!-- Written by hand below this line; bench/run.py keeps it. -->"
 
 #: Jobs in flight for the deep-backlog run of transform-worker.

@@ -44,7 +44,7 @@ REPLY_QUEUE_EXPIRES_MS = 10 * 60 * 1000
 
 
 class JobRejected(Exception):
-    """The worker rejected the command; ``error`` holds the reason, ``status`` the HTTP code."""
+    """The worker rejected the command; ``error`` gives the reason, ``status`` the HTTP code."""
 
     def __init__(self, error: Error, status: int) -> None:
         super().__init__(f"{status} {error.key}: {error.message}")
@@ -221,7 +221,7 @@ class JobsClient:
         """Publish, waiting out a reconnection of the robust connection if there is one.
 
         A command that is published twice is harmless: it carries its job id, and the
-        worker answers a repeated id from the job it already has.
+        worker replies to a repeated id from the job it already has.
         """
         assert self._commands is not None and self._channel is not None
         loop = asyncio.get_running_loop()

@@ -26,7 +26,7 @@ class ErrorFault(BaseModel):
 
 
 class Error(BaseModel):
-    """Why a command was rejected and what would have been accepted."""
+    """The reason a command was rejected, and what would have been accepted."""
 
     key: ErrorKey
     message: str

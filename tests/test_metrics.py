@@ -120,7 +120,7 @@ async def test_not_ready_when_store_fails(
 async def test_not_ready_while_store_is_missing(
     start_worker: WorkerFactory, tmp_path: Path
 ) -> None:
-    # The database's folder cannot be created: a plain file stands where it would go.
+    # The database's folder cannot be created: a plain file is where it would go.
     blocked = tmp_path / "blocked"
     blocked.write_text("not a folder")
     settings = fast_settings(tmp_path, store_url=f"sqlite:///{blocked / 'sub' / 'x.db'}")

@@ -163,10 +163,10 @@ async def _serve(settings: Settings) -> int:
 async def _freeze_heap_once_started(worker: Worker) -> None:
     """Move everything alive at start out of the garbage collector's sight.
 
-    Modules, settings, the registry and the connections live as long as the process;
-    left in the collector's oldest generation, each full collection walks them all and
-    pauses the event loop for tens of milliseconds, which showed as the slowest replies
-    in the benchmark.
+    Modules, settings, the registry and the connections live as long as the process.
+    Left in the collector's oldest generation, they are walked by every full
+    collection, which paused the event loop for tens of milliseconds and set the
+    slowest replies in the benchmark.
     """
     await worker.started.wait()
     gc.collect()

@@ -124,7 +124,7 @@ class TransientError(TransformError):
 
     Args:
         message: what failed, for logs and the intent's event.
-        retry_in_s: when the raiser knows the right delay (an HTTP ``Retry-After``,
+        retry_in_s: when the raiser has the right delay (an HTTP ``Retry-After``,
             say), the next attempt waits this long instead of following the schedule.
     """
 

@@ -1,8 +1,8 @@
 """Prometheus metrics, and the HTTP endpoint that serves them with health checks.
 
-``/metrics`` is the Prometheus text format; ``/healthz`` answers 200 while the process
-runs its event loop; ``/readyz`` answers 200 only while the consumer is attached to
-the broker and the store answers a ping, and 503 with the reason otherwise.
+``/metrics`` is the Prometheus text format. ``/healthz`` returns 200 while the process
+runs its event loop. ``/readyz`` returns 200 only while the consumer is attached to
+the broker and the store responds to a ping, and 503 with the reason otherwise.
 """
 
 from __future__ import annotations

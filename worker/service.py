@@ -125,7 +125,7 @@ class Worker:
         """Start a component, retrying with backoff until it works or a stop is requested.
 
         A worker started before its store or broker comes up waits for them instead of
-        exiting, and /readyz says what it waits for meanwhile.
+        exiting, and /readyz reports what it waits for meanwhile.
         """
         delay = 0.5
         while not self._stop.is_set():

@@ -1,4 +1,4 @@
-"""What an action receives and returns.
+"""The inputs and outputs of an action.
 
 An action is an async callable registered under a dotted name such as ``silo.state``.
 It gets a ``StepContext`` (the job's ids and meta, a copy of the envelope, its
@@ -91,7 +91,7 @@ class NumberSeries(Protocol):
 
 @dataclass(frozen=True)
 class Services:
-    """What the engine lends to actions."""
+    """Services the engine lends to actions."""
 
     numbers: NumberSeries
     signing_key: Callable[[], Awaitable[SigningKey]]

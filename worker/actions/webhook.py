@@ -2,7 +2,7 @@
 
 The body is ``{id, event, job_id, silo_entry_id, workspace_id, key, meta, faults}``.
 ``id`` is derived from the job and step ids, so every retry of one step sends the same
-``id`` and a receiver can drop repeats. A 2xx answer is OK; 5xx, 429, timeouts and
+``id`` and a receiver can drop repeats. A 2xx response is OK; 5xx, 429, timeouts and
 network errors are transient (retried, honouring ``Retry-After``); any other status is
 KO with the status as code. Redirects are not followed: a 3xx is KO too, because
 following it could leave the allow-list. User info in the URL is sent as Basic
@@ -55,7 +55,7 @@ def redact_url(url: str) -> str:
 
 
 def host_allowed(url: str, allowed: frozenset[str]) -> bool:
-    """Whether the URL's host (or ``host:port``) is on the allow-list, case-insensitively."""
+    """Return whether the URL's host (or ``host:port``) is on the allow-list, ignoring case."""
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     with_port = f"{host}:{parts.port}" if parts.port else host
@@ -68,7 +68,7 @@ def delivery_id(job_id: str, step_id: str) -> str:
 
 
 async def post(ctx: StepContext[WebhookConfig]) -> ActionResult:
-    """POST the job summary and map the answer to a step result."""
+    """POST the job summary and map the response to a step result."""
     config = ctx.config
     target = redact_url(config.url)
     if not host_allowed(config.url, ctx.services.webhook_allow_hosts):

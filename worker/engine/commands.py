@@ -68,7 +68,7 @@ def command_message_id(delivery: Delivery, purpose: str) -> str:
 
     Every delivery of the same command gets the same id, so a caller can drop the copy a
     redelivery produces. A command with neither a message id nor a correlation id
-    cannot be told apart from a new one and gets a fresh id.
+    cannot be distinguished from a new one and gets a fresh id.
     """
     if delivery.message_id is None and delivery.correlation_id is None:
         return str(uuid6.uuid7())

@@ -1,11 +1,11 @@
 """The engine: handles commands, runs jobs within a capacity, and sweeps the store.
 
 The consumer hands each delivery to ``Engine.handle`` and settles the message by the
-returned ``Settlement``; nothing here uses the broker's types. A create-job
+returned ``Settlement``, and nothing here uses the broker's types. A create-job
 command is acknowledged as soon as its job is stored: from then on the store, not
-the delivery, owns the job. A job's runner holds a lease that it renews; when a
-worker dies, its jobs come due again when their leases end, and the sweeper of any
-live worker claims and resumes them.
+the delivery, owns the job. A job's runner has a lease that it renews. When a worker
+dies, its jobs come due again as their leases end, and the sweeper of any live worker
+claims and resumes them.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from worker.store.base import Store
 Mutation = Callable[[JobRecord], None]
 
 #: Compare-and-set attempts before a write gives up. Misses come from other writers of
-#: the same job (a burst of duplicate commands registering replies, say); after the
-#: first few, each attempt waits a random moment of up to 50 ms so the writers spread.
+#: the same job, such as a burst of duplicate commands registering replies. After the
+#: first few, each attempt waits a random moment of up to 50 ms, so the writers spread.
 MAX_WRITE_ATTEMPTS = 60
 _BACKOFF_AFTER = 3
 _MAX_BACKOFF_S = 0.05

@@ -47,7 +47,7 @@ class Outgoing:
 
 
 class Publisher(Protocol):
-    """The broker, as the engine sees it.
+    """The broker, as the engine uses it.
 
     Every method waits for the broker's confirm and raises
     ``worker.errors.TransientError`` when none comes within the publish timeout.

@@ -90,7 +90,7 @@ class Outbox:
         """Publish the given ``sending`` items of the job, then mark them.
 
         A publish that fails leaves its item ``sending`` for the sweeper. With
-        ``defer_mark`` the marks ride along with the job's next write; the runner uses
+        ``defer_mark`` the marks ride along with the job's next write. The runner uses
         that for ``job.accepted``, because its job is certain to be written again.
         """
         wanted = set(item_ids)

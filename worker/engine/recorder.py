@@ -1,12 +1,12 @@
 """Recording a run's progress: step results, the entry they change, waits and completion.
 
 Results of idempotent actions (the built-in silo, sequence and pdf actions) are kept in
-memory and written together with the next write that has to happen: before and after
-a step whose action is not idempotent (a webhook), when the job waits for a retry, and
-at completion. A three-step job of built-in actions is therefore written once, at its
-end, instead of once per step. A worker that dies in between runs those steps again
-on resume, which changes nothing because they are idempotent: ``sequence.enumerate``
-gets the number already tied to the entry back.
+memory and written with the next write that has to happen. That write comes before
+and after a step whose action is not idempotent (a webhook), when the job waits for a
+retry, and at completion. After its insert, a three-step job of built-in actions is
+therefore written once, at its end, instead of once per step. A worker that dies in
+between runs those steps again on resume, which changes nothing because they are
+idempotent: ``sequence.enumerate`` gets back the number already tied to the entry.
 """
 
 from __future__ import annotations

@@ -75,12 +75,12 @@ def matching_block(step: Step, outcome: StepOutcome) -> Next | None:
 
 
 def forced_fault(outcome: StepOutcome) -> bool:
-    """Whether the outcome is a fault no next block can take: a document of the wrong type."""
+    """Return whether the outcome is a fault that no next block can take (a wrong document type)."""
     return outcome.status is Status.KO and outcome.code == "schema-mismatch"
 
 
 def unhandled(step: Step, outcome: StepOutcome) -> bool:
-    """Whether the outcome is a KO or TIMEOUT that records a fault."""
+    """Return whether the outcome is a KO or TIMEOUT that records a fault."""
     if outcome.status not in (Status.KO, Status.TIMEOUT):
         return False
     return forced_fault(outcome) or matching_block(step, outcome) is None

@@ -69,7 +69,7 @@ class Store(Protocol):
     ) -> InsertResult:
         """Insert a new job, and ``entry`` with it when given.
 
-        The job's key (if any) is taken unless another job of the workspace holds it
+        The job's key (if any) is taken unless another job of the workspace has it
         and was created at or after ``key_taken_since``; an older holder loses it.
         An entry id (or entry key) that exists already returns ENTRY_TAKEN and no job
         is written. On SQLite the entry and the job are written in one transaction;
@@ -80,7 +80,7 @@ class Store(Protocol):
         """Return the job with this id in any workspace, or None."""
 
     async def get_job_by_key(self, workspace_id: str, key: str) -> JobRecord | None:
-        """Return the job that holds ``key`` in the workspace, or None."""
+        """Return the job that has ``key`` in the workspace, or None."""
 
     async def replace_job(
         self,

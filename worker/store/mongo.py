@@ -3,7 +3,7 @@
 Collections and the unique indexes that decide every uniqueness question:
 
 - ``jobs``: ``_id`` is the job id. ``active_key`` is the job's key for as long as the
-  job holds it, under a unique partial index on ``(workspace_id, active_key)``.
+  job has it, under a unique partial index on ``(workspace_id, active_key)``.
 - ``entries``: ``_id`` is ``"<workspace_id>/<id>"``, and ``key`` has a unique partial
   index per workspace. Workspace ids contain no ``/``, so the ``_id`` is unambiguous.
 - ``workflows``: one document per version, unique on ``(workspace_id, id, version)``.
@@ -17,6 +17,10 @@ written by two operations. ``insert_job`` and ``replace_job`` say what that mean
 
 Requires MongoDB 5.0 or later, because GOBL envelopes contain ``$``-prefixed keys
 (``$schema``, ``$regime``), which older servers reject in stored documents.
+
+NOTE: this store has passed the contract suite on the mongomock-motor emulator only,
+which runs no server and no concurrent operations. Set ``TRANSFORM_TEST_MONGO_URL`` to
+run the same suite against a real server.
 
 NOTE: these guarantees need unsharded collections. On a sharded collection MongoDB
 creates a unique index only when it starts with the shard key and keeps ``_id`` unique

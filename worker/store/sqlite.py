@@ -350,9 +350,9 @@ class SqliteStore:
         self, workspace_id: str, series: str, entry_id: str, *, start: int
     ) -> int:
         def assign(conn: sqlite3.Connection) -> int:
-            # INSERT … SELECT computes the next number and claims it in one statement;
-            # the unique (series, entry) index turns a second request for the same
-            # entry into a no-op, and the row it finds is the number given before.
+            # INSERT … SELECT computes the next number and claims it in one statement.
+            # The unique (series, entry) index turns a second request for the same
+            # entry into a no-op, so the row found below is the number given before.
             conn.execute(
                 "INSERT INTO sequences (workspace_id, name, number, entry_id, assigned_at) "
                 "SELECT ?, ?, COALESCE(MAX(number) + 1, ?), ?, ? FROM sequences "

@@ -6,7 +6,7 @@ once, so that many jobs share one fsync. A write that raises rolls back to its
 savepoint only; the others still commit. Each write's future is resolved after the
 commit, so a caller never sees a write that is not durable.
 
-Reads run on a second connection, which in WAL mode sees every committed write
+Reads run on a second connection, which in WAL mode reads every committed write
 without waiting for the writer.
 """
 
